@@ -1,0 +1,46 @@
+"""Run every benchmark script (``benchmarks/bench_*.py``) in one go and write their results.
+
+    python benchmarks/run_all.py --quick        # tiny sizes (CPU smoke run, or a fast GPU pass)
+    python benchmarks/run_all.py                # full sweeps (GPU)
+    python benchmarks/run_all.py --only attention,vq
+
+Each script runs in its own process (a failing one is reported and the others still run); the exit code is
+non-zero if any failed. Results land in benchmarks/results/<device>/ with the versions and a raw log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes")
+    p.add_argument("--only", default="", help="comma-separated names (bench_<name>.py)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
+    args = p.parse_args(argv)
+    scripts = sorted(HERE.glob("bench_*.py"))
+    if args.only:
+        wanted = {n.strip() for n in args.only.split(",")}
+        scripts = [s for s in scripts if s.stem[len("bench_"):] in wanted]
+    failed = []
+    for script in scripts:
+        cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else []) + (["--out", args.out] if args.out else [])
+        print(f"== {script.name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.time()
+        rc = subprocess.call(cmd, cwd=HERE.parent)
+        print(f"== {script.name}: exit {rc} in {time.time() - t0:.1f} s", flush=True)
+        if rc:
+            failed.append(script.name)
+    print(f"{len(scripts) - len(failed)} passed, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
