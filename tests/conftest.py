@@ -22,6 +22,7 @@ if not _HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/kernel_check.py, tests/dist_utils.py
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/
 
 HAS_CUDA = _HAS_CUDA
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"

@@ -55,14 +55,15 @@ def last_dim_contiguous(op: str, name: str, t: torch.Tensor) -> None:
                          f"{tuple(t.stride())} with {describe(t)}. Use .contiguous() or a layout whose last dim is dense.")
 
 
-def lengths(op: str, name: str, value, batch: int, upper: int, device: torch.device) -> torch.Tensor | None:
+def lengths(op: str, name: str, value, batch: int, upper: int, device: torch.device,
+            ref_name: str = "q") -> torch.Tensor | None:
     """A per-sample length tensor [B] of ints in [0, upper] (checked on the host only for CPU tensors)."""
     if value is None:
         return None
     t = tensor(op, name, value, ndim=1, dtypes=INDEX_DTYPES, layout="(B,)")
     shape(op, name, t, (batch,), "(B,)")
     if t.device != device:
-        raise ValueError(f"{op}: `{name}` is on {t.device} but the inputs are on {device}")
+        raise ValueError(f"{op}: `{name}` is on {t.device} but `{ref_name}` is on {device}")
     # Range check without a device sync on GPU: a CUDA check would stall the stream every call.
     if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
         lo, hi = int(t.min()), int(t.max())

@@ -89,8 +89,8 @@ _LOGGED: set[tuple[str, str]] = set()
 
 def register(backend: Backend) -> Backend:
     _REGISTRY.setdefault(backend.op, {})[backend.name] = backend
-    _load_cached.cache_clear()
-    _requires_cached.cache_clear()
+    _IMPLS.pop((backend.op, backend.name), None)
+    _REQUIRES.pop((backend.op, backend.name), None)
     return backend
 
 
@@ -111,17 +111,26 @@ def get(op: str, name: str) -> Backend:
         raise BackendError(f"vlcore.{op}: unknown backend {name!r}; known backends: {known}") from None
 
 
-@functools.lru_cache(maxsize=None)
+# Plain dict memos rather than functools.lru_cache: torch.compile traces through dicts without warnings.
+_IMPLS: dict[tuple[str, str], Any] = {}
+_REQUIRES: dict[tuple[str, str], str | None] = {}
+
+
 def _load_cached(op: str, name: str) -> Any:
-    return _REGISTRY[op][name].load()
+    key = (op, name)
+    if key not in _IMPLS:
+        _IMPLS[key] = _REGISTRY[op][name].load()
+    return _IMPLS[key]
 
 
-@functools.lru_cache(maxsize=None)
 def _requires_cached(op: str, name: str) -> str | None:
-    try:
-        return _REGISTRY[op][name].requires()
-    except Exception as e:  # an environment probe must never break dispatch
-        return f"availability check failed: {type(e).__name__}: {e}"
+    key = (op, name)
+    if key not in _REQUIRES:
+        try:
+            _REQUIRES[key] = _REGISTRY[op][name].requires()
+        except Exception as e:  # an environment probe must never break dispatch
+            _REQUIRES[key] = f"availability check failed: {type(e).__name__}: {e}"
+    return _REQUIRES[key]
 
 
 def triton_interpreter() -> bool:
