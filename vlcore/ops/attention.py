@@ -7,6 +7,7 @@ Semantics: DESIGN.md §1 and :mod:`vlcore.reference.attention`. Backends impleme
         -> (dq, dk, dv, dtable or None)
 
 with q of batch 1 meaning one query set shared by the batch (its gradient is reduced over the batch).
+Outputs and gradients are contiguous tensors (the fake implementations promise that layout).
 The reference backend runs straight under autograd (cheapest on CPU); the compiled backends run through the
 registered op ``vlcore::attention``, which ``torch.compile(fullgraph=True)`` traces through its fake.
 """
@@ -26,13 +27,15 @@ _NAME = "vlcore.attention"
 class _ReferenceBackend:
     @staticmethod
     def forward(q, k, v, causal, prefix_lens, kv_lens, table, grid, start, scale):
-        return ref.attention_with_lse(q, k, v, causal=causal, prefix_lens=prefix_lens, kv_lens=kv_lens,
-                                      rel_pos_table=table, rel_pos_grid=grid, rel_pos_start=start, scale=scale)
+        out, lse = ref.attention_with_lse(q, k, v, causal=causal, prefix_lens=prefix_lens, kv_lens=kv_lens,
+                                          rel_pos_table=table, rel_pos_grid=grid, rel_pos_start=start, scale=scale)
+        return out.contiguous(), lse.contiguous()
 
     @staticmethod
     def backward(dout, q, k, v, out, lse, causal, prefix_lens, kv_lens, table, grid, start, scale):
-        return ref.attention_backward(dout, q, k, v, causal=causal, prefix_lens=prefix_lens, kv_lens=kv_lens,
-                                      rel_pos_table=table, rel_pos_grid=grid, rel_pos_start=start, scale=scale)
+        grads = ref.attention_backward(dout, q, k, v, causal=causal, prefix_lens=prefix_lens, kv_lens=kv_lens,
+                                       rel_pos_table=table, rel_pos_grid=grid, rel_pos_start=start, scale=scale)
+        return tuple(None if g is None else g.contiguous() for g in grads)
 
 
 dispatch.register(dispatch.Backend(
@@ -78,8 +81,9 @@ def _attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 @_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, causal, prefix_lens, kv_lens, rel_pos_table, rel_pos_grid, rel_pos_start, scale,
       backend):
-    dtable = torch.empty_like(rel_pos_table) if rel_pos_table is not None else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dtable
+    # backends return contiguous gradients (whatever the input strides)
+    dtable = rel_pos_table.new_empty(rel_pos_table.shape) if rel_pos_table is not None else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dtable
 
 
 def _setup_context(ctx, inputs, output):
@@ -125,8 +129,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     """
     q, k, v = _check(q, k, v, prefix_lens, kv_lens, rel_pos_table, rel_pos_grid, rel_pos_start)
     batch, nk, heads, dim = k.shape
-    prefix_lens = V.lengths(_NAME, "prefix_lens", prefix_lens, batch, nk, k.device)
-    kv_lens = V.lengths(_NAME, "kv_lens", kv_lens, batch, nk, k.device)
     scale = float(dim ** -0.5 if scale is None else scale)
     grid = None if rel_pos_grid is None else (int(rel_pos_grid[0]), int(rel_pos_grid[1]))
     problem = dispatch.Problem(k.device, q.dtype, {
@@ -154,6 +156,8 @@ def _check(q, k, v, prefix_lens, kv_lens, table, grid, start):
     if v.shape[-1] != dim:
         raise ValueError(f"{_NAME}: `v` must have head dim {dim} (as q and k); got {V.describe(v)}")
     V.same_dtype(_NAME, "q", q, k=k, v=v)
+    V.lengths(_NAME, "prefix_lens", prefix_lens, batch, nk, k.device)
+    V.lengths(_NAME, "kv_lens", kv_lens, batch, nk, k.device)
     V.same_device(_NAME, "q", q, k=k, v=v, prefix_lens=prefix_lens, kv_lens=kv_lens, rel_pos_table=table)
     for name, t in (("q", q), ("k", k), ("v", v)):
         V.last_dim_contiguous(_NAME, name, t)
