@@ -1,0 +1,133 @@
+"""Batches in the layout of the model contract, for the embedded dataset and for shards, with a data position.
+
+Both sources expose ``next_batch()`` and ``state_dict()`` / ``load_state_dict()`` (the data position a checkpoint
+stores). The digits source regenerates any batch from its position directly; the shard source replays its
+deterministic stream up to the position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from vlcore.data.digits_scenes import DigitsScenes, scenes_to_arrays
+from vlcore.data.shards import ShardStream
+from vlcore.data.tokenizer import ByteBPETokenizer
+
+
+class Collator:
+    """Tokenises captions, box phrases and questions; pads boxes to ``max_boxes``."""
+
+    def __init__(self, tokenizer: ByteBPETokenizer, max_text_len: int = 16, max_phrase_len: int = 6,
+                 max_question_len: int = 12, max_boxes: int = 3):
+        self.tokenizer = tokenizer
+        self.max_text_len, self.max_phrase_len = max_text_len, max_phrase_len
+        self.max_question_len, self.max_boxes = max_question_len, max_boxes
+
+    def from_arrays(self, arr: dict) -> dict:
+        """Batch dict from :func:`scenes_to_arrays` output (digits-scenes)."""
+        B, R = arr["boxes"].shape[:2]
+        text, text_mask = self.tokenizer.batch(arr["caption"], self.max_text_len)
+        flat = [p for row in arr["phrases"] for p in row]
+        box_text, box_text_mask = self.tokenizer.batch(flat, self.max_phrase_len)
+        box_text, box_text_mask = box_text.view(B, R, -1), box_text_mask.view(B, R, -1)
+        box_text_mask &= arr["box_valid"][..., None]
+        box_text[~box_text_mask] = 0
+        question, question_mask = self.tokenizer.batch(arr["question"], self.max_question_len)
+        return {"image": arr["image"], "text": text, "text_mask": text_mask, "boxes": arr["boxes"],
+                "box_valid": arr["box_valid"], "box_labels": arr["box_labels"], "box_text": box_text,
+                "box_text_mask": box_text_mask, "question": question, "question_mask": question_mask,
+                "answer": arr["answer"]}
+
+    def __call__(self, samples: Sequence[dict]) -> dict:
+        """Batch dict from shard samples (``image``, ``caption``, optional ``boxes``/``phrases``)."""
+        B, R = len(samples), self.max_boxes
+        boxes = torch.zeros(B, R, 4)
+        valid = torch.zeros(B, R, dtype=torch.bool)
+        phrases = [[""] * R for _ in range(B)]
+        for i, s in enumerate(samples):
+            n = min(len(s.get("boxes", ())), R)
+            if n:
+                boxes[i, :n] = torch.tensor(s["boxes"][:n], dtype=torch.float32)
+                valid[i, :n] = True
+                phrases[i][:n] = s["phrases"][:n]
+        text, text_mask = self.tokenizer.batch([s["caption"] for s in samples], self.max_text_len)
+        batch = {"image": torch.stack([s["image"] for s in samples]), "text": text, "text_mask": text_mask}
+        if valid.any():
+            box_text, box_mask = self.tokenizer.batch([p for row in phrases for p in row], self.max_phrase_len)
+            box_mask = box_mask.view(B, R, -1) & valid[..., None]
+            batch.update(boxes=boxes, box_valid=valid, box_labels=torch.full((B, R), -100, dtype=torch.long),
+                         box_text=box_text.view(B, R, -1).masked_fill(~box_mask, 0), box_text_mask=box_mask)
+        if "_skipped" in samples[-1]:
+            batch["_skipped"] = torch.tensor([samples[-1]["_worker"], samples[-1]["_skipped"]])
+        return batch
+
+
+class DigitsSource:
+    """Training batches of digits-scenes: batch ``n`` of rank ``r`` holds scenes ``(n * world + r) * B + i``."""
+
+    def __init__(self, dataset: DigitsScenes, collator: Collator, batch_size: int, rank: int = 0,
+                 world_size: int = 1):
+        self.dataset, self.collator, self.batch_size = dataset, collator, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.position = 0  # batches this rank has consumed
+        self.skipped = 0
+
+    def next_batch(self) -> dict:
+        start = (self.position * self.world_size + self.rank) * self.batch_size
+        self.position += 1
+        scenes = self.dataset.scenes(range(start, start + self.batch_size))
+        return self.collator.from_arrays(scenes_to_arrays(scenes, self.collator.max_boxes))
+
+    def state_dict(self) -> dict:
+        return {"kind": "digits-scenes", "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+class ShardSource:
+    """Training batches from :class:`ShardStream` through a DataLoader with worker processes."""
+
+    def __init__(self, stream: ShardStream, collator: Collator, batch_size: int, num_workers: int = 2):
+        self.stream, self.collator, self.batch_size, self.num_workers = stream, collator, batch_size, num_workers
+        self.position = 0
+        self._skipped_by_worker: dict[int, int] = {}
+        self._it = None
+
+    def _iterator(self):
+        loader = torch.utils.data.DataLoader(self.stream, batch_size=self.batch_size, collate_fn=self.collator,
+                                             num_workers=self.num_workers, drop_last=True,
+                                             persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+        return iter(loader)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self._skipped_by_worker.values()) if self._skipped_by_worker else self.stream.skipped
+
+    def next_batch(self) -> dict:
+        if self._it is None:
+            self._it = self._iterator()
+            for _ in range(self.position):  # deterministic stream: replay up to the saved position
+                self._take()
+        self.position += 1
+        return self._take()
+
+    def _take(self) -> dict:
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            raise RuntimeError(f"the shard stream ended: no valid samples in {self.stream.urls} "
+                               f"({self.skipped} skipped)") from None
+        tag = batch.pop("_skipped", None)
+        if tag is not None:
+            self._skipped_by_worker[int(tag[0])] = int(tag[1])
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"kind": "shards", "position": self.position, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+        self._it = None

@@ -1,0 +1,1 @@
+"""Training for ``vlcore pretrain``: the loop, optimizer/schedule, checkpoints, progress/metrics, evaluation."""

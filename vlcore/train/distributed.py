@@ -1,0 +1,135 @@
+"""Process-group set-up for ``torchrun`` and the DDP / FSDP wrapping of a model.
+
+Under torchrun (``WORLD_SIZE`` > 1) the default process group is initialised (NCCL on GPUs, gloo on CPU); the
+models' distributed pieces (contrastive loss all-gather, visual dictionary all_reduce) take that default group
+from ``torch.distributed`` themselves, so nothing is passed to them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(requested)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {requested}: CUDA is not available on this machine")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def setup(requested_device: str = "auto", timeout_s: int = 600) -> DistInfo:
+    """Initialise torch.distributed when launched by torchrun; returns this process's rank and device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(requested_device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    return DistInfo(rank, world, local_rank, device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, info: DistInfo, strategy: str = "ddp") -> torch.nn.Module:
+    """DDP (default) or FSDP2 (``fully_shard``: parameters, gradients and optimizer state sharded)."""
+    if not info.enabled:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        # Objectives may leave some heads unused in a step (e.g. a VQA head without questions).
+        return DDP(model, device_ids=ids, find_unused_parameters=True)
+    if strategy == "fsdp":
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError as e:  # pragma: no cover - torch < 2.6
+            raise RuntimeError("--dist fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard)") from e
+        for module in list(model.modules()):
+            if isinstance(module, torch.nn.ModuleList):
+                for block in module:
+                    if any(p.requires_grad for p in block.parameters()):
+                        fully_shard(block)
+        fully_shard(model)
+        return model
+    raise ValueError(f"--dist must be ddp or fsdp; got {strategy!r}")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module under DDP and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def full_model_state(model: torch.nn.Module, strategy: str) -> dict[str, torch.Tensor]:
+    """The complete (unsharded) state dict on CPU; a collective under FSDP (every rank must call it)."""
+    if strategy == "fsdp" and dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return unwrap(model).state_dict()
+
+
+def full_optim_state(model, optimizer, strategy: str) -> dict:
+    if strategy == "fsdp" and dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_full_state(model, optimizer, model_state: dict, optim_state: dict | None, strategy: str) -> None:
+    if strategy == "fsdp" and dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        set_model_state_dict(model, model_state, options=opts)
+        if optim_state is not None:
+            set_optimizer_state_dict(model, optimizer, optim_state, options=opts)
+        return
+    unwrap(model).load_state_dict(model_state)
+    if optim_state is not None:
+        optimizer.load_state_dict(optim_state)

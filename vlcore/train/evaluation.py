@@ -1,0 +1,134 @@
+"""Evaluation on held-out digits-scenes data (scans never seen in training).
+
+- zero-shot digit classification: every held-out scan alone on a canvas, prompts "a 0" ... "a 9"; dual encoders
+  rank prompts by cosine similarity of ``encode_image``/``encode_text``, other models by ``score``.
+- image-text retrieval on ``n_scenes`` held-out scenes with distinct captions: R@1 and R@5 in both directions.
+- captioners (``generate``): exact match of the greedy caption with the reference caption.
+- models with a box head (``predict_boxes(image, text, text_mask) -> (B, 4)`` cx, cy, w, h): mean IoU of the
+  box predicted for each digit's phrase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from vlcore.data.digits_scenes import retrieval_set, scenes_to_arrays, zero_shot_set
+
+
+def _dual(model) -> bool:
+    return hasattr(model, "encode_image") and hasattr(model, "encode_text")
+
+
+def _chunks(n: int, size: int):
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+def _pair_scores(model, images, texts, masks, device, batch_size, autocast) -> torch.Tensor:
+    """(n_images, n_texts) match scores: cosine similarities for dual encoders, else ``model.score`` per pair."""
+    if _dual(model):
+        with autocast():
+            img = torch.cat([model.encode_image(images[s].to(device)).float() for s in _chunks(len(images), batch_size)])
+            txt = torch.cat([model.encode_text(texts[s].to(device), masks[s].to(device)).float()
+                             for s in _chunks(len(texts), batch_size)])
+        return (img @ txt.T).cpu()
+    if not hasattr(model, "score"):
+        raise TypeError(f"{type(model).__name__} has neither encode_image/encode_text nor score(): it cannot be "
+                        "evaluated for zero-shot classification or retrieval")
+    ni, nt = len(images), len(texts)
+    ii, tt = torch.meshgrid(torch.arange(ni), torch.arange(nt), indexing="ij")
+    ii, tt = ii.reshape(-1), tt.reshape(-1)
+    out = []
+    with autocast():
+        for s in _chunks(len(ii), batch_size):
+            out.append(model.score(images[ii[s]].to(device), texts[tt[s]].to(device), masks[tt[s]].to(device)).float())
+    return torch.cat(out).view(ni, nt).cpu()
+
+
+def _recall(scores: torch.Tensor, k: int) -> float:
+    """Rows are queries, the right answer of query i is column i."""
+    k = min(k, scores.shape[1])
+    top = scores.topk(k, dim=1).indices
+    return (top == torch.arange(len(scores))[:, None]).any(1).float().mean().item()
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of (cx, cy, w, h) boxes, elementwise over the leading dims."""
+    def corners(x):
+        return x[..., :2] - x[..., 2:] / 2, x[..., :2] + x[..., 2:] / 2
+    (a0, a1), (b0, b1) = corners(a.float()), corners(b.float())
+    inter = (torch.minimum(a1, b1) - torch.maximum(a0, b0)).clamp(min=0).prod(-1)
+    union = a[..., 2:].float().prod(-1).abs() + b[..., 2:].float().prod(-1).abs() - inter
+    return inter / union.clamp(min=1e-9)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, device, *, max_text_len: int, image_size: int = 64, seed: int = 0,
+             n_scenes: int = 100, batch_size: int = 256, autocast=None, max_phrase_len: int = 6) -> dict:
+    """All the metrics that ``model`` supports, as a flat dict (fractions in [0, 1])."""
+    autocast = autocast or contextlib.nullcontext
+    was_training = model.training
+    model.eval()
+    out: dict = {"method": "dual-encoder" if _dual(model) else "score"}
+    try:
+        images, labels = zero_shot_set(seed=seed, image_size=image_size)
+        prompts, prompt_mask = tokenizer.batch([f"a {d}" for d in range(10)], max_text_len)
+        scores = _pair_scores(model, images, prompts, prompt_mask, device, batch_size, autocast)
+        out["zero_shot_acc"] = (scores.argmax(1) == labels).float().mean().item()
+        out["zero_shot_n"] = len(labels)
+
+        scenes = retrieval_set(n=n_scenes, seed=seed, image_size=image_size)
+        arr = scenes_to_arrays(scenes)
+        text, mask = tokenizer.batch(arr["caption"], max_text_len)
+        sim = _pair_scores(model, arr["image"], text, mask, device, batch_size, autocast)
+        out.update(t2i_r1=_recall(sim.T, 1), t2i_r5=_recall(sim.T, 5), i2t_r1=_recall(sim, 1),
+                   i2t_r5=_recall(sim, 5), retrieval_n=len(scenes))
+
+        if hasattr(model, "generate"):
+            with autocast():
+                gen = torch.cat([model.generate(arr["image"][s].to(device), max_new_tokens=max_text_len).cpu()
+                                 for s in _chunks(len(scenes), batch_size)])
+            hyps = [tokenizer.decode(row.tolist()).strip() for row in gen]
+            out["caption_exact_match"] = sum(h == c for h, c in zip(hyps, arr["caption"])) / len(hyps)
+            out["caption_examples"] = [{"reference": c, "generated": h} for c, h in list(zip(arr["caption"], hyps))[:5]]
+
+        if hasattr(model, "predict_boxes"):
+            valid = arr["box_valid"]
+            bi, ri = valid.nonzero(as_tuple=True)
+            phrases = [arr["phrases"][b][r] for b, r in zip(bi.tolist(), ri.tolist())]
+            ptext, pmask = tokenizer.batch(phrases, max_phrase_len)
+            with autocast():
+                pred = torch.cat([model.predict_boxes(arr["image"][bi[s]].to(device), ptext[s].to(device),
+                                                      pmask[s].to(device)).float().cpu()
+                                  for s in _chunks(len(bi), batch_size)])
+            out["box_iou"] = box_iou(pred, arr["boxes"][bi, ri]).mean().item()
+    finally:
+        model.train(was_training)
+    return out
+
+
+_ROWS = [("zero_shot_acc", "zero-shot digit accuracy (held-out single digits)"),
+         ("t2i_r1", "text->image R@1"), ("t2i_r5", "text->image R@5"),
+         ("i2t_r1", "image->text R@1"), ("i2t_r5", "image->text R@5"),
+         ("caption_exact_match", "caption exact match"), ("box_iou", "box IoU (mean)")]
+
+
+def format_table(metrics: dict) -> str:
+    rows = [(label, f"{100 * metrics[key]:6.1f} %") for key, label in _ROWS if key in metrics]
+    n_ret = metrics.get("retrieval_n")
+    width = max(len(r[0]) for r in rows) if rows else 10
+    lines = [f"evaluation ({metrics.get('method', '?')}; {metrics.get('zero_shot_n', '?')} single digits, "
+             f"{n_ret} scenes for retrieval)", "-" * (width + 11)]
+    lines += [f"{label:<{width}}  {value}" for label, value in rows]
+    for ex in metrics.get("caption_examples", [])[:3]:
+        lines.append(f"  caption: {ex['generated']!r}  (reference {ex['reference']!r})")
+    return "\n".join(lines)
+
+
+def save_json(metrics: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(metrics, indent=2) + "\n")
