@@ -1,0 +1,140 @@
+"""Pre-norm Transformer layers and stacks: MLP, encoder layer, decoder layer (causal, optional cross-attention,
+KV cache), and stacks with optional activation checkpointing.
+
+All attention goes through :class:`vlcore.nn.attention.MultiheadAttention` (hence :func:`vlcore.attention`);
+masks travel as per-sample lengths (``prefix_lens``, ``kv_lens`` for the layer's own tokens,
+``context_lens`` for the cross-attended context), never as mask tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from vlcore.nn.attention import KVCache, MultiheadAttention
+
+LN_EPS = 1e-6
+
+
+class MLP(nn.Module):
+    """Linear -> GELU -> Linear."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, out_dim or dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TransformerLayer(nn.Module):
+    """x = x + SelfAttn(LN(x)); [x = x + CrossAttn(LN(x), context)]; x = x + MLP(LN(x)).
+
+    ``causal=True`` makes the self-attention causal (decoder). ``mlp_ratio=0`` drops the MLP.
+    """
+
+    causal_default = False
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, *, cross: bool = False,
+                 context_dim: int | None = None, rel_pos_grid: tuple[int, int] | None = None,
+                 causal: bool | None = None, backend: str | None = None):
+        super().__init__()
+        self.causal = self.causal_default if causal is None else causal
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = MultiheadAttention(dim, heads, rel_pos_grid=rel_pos_grid, backend=backend)
+        self.cross = cross
+        if cross:
+            self.norm_cross = nn.LayerNorm(dim, eps=LN_EPS)
+            self.cross_attn = MultiheadAttention(dim, heads, cross=True, context_dim=context_dim, backend=backend)
+        hidden = int(dim * mlp_ratio)
+        if hidden:
+            self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+            self.mlp = MLP(dim, hidden)
+        else:
+            self.mlp = None
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
+                prefix_lens: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
+                context_lens: torch.Tensor | None = None, rel_pos_start: int = 0, use_rel_pos: bool = True,
+                cache: dict[str, KVCache] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), causal=self.causal and prefix_lens is None, prefix_lens=prefix_lens,
+                          kv_lens=kv_lens, rel_pos_start=rel_pos_start, use_rel_pos=use_rel_pos,
+                          cache=None if cache is None else cache["self"])
+        if self.cross:
+            x = x + self.cross_attn(self.norm_cross(x), context, kv_lens=context_lens,
+                                    cache=None if cache is None else cache["cross"])
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class EncoderLayer(TransformerLayer):
+    """Bidirectional self-attention (+ optional cross-attention) + MLP."""
+
+
+class DecoderLayer(TransformerLayer):
+    """Causal self-attention (+ optional cross-attention) + MLP; supports a KV cache."""
+
+    causal_default = True
+
+
+class TransformerStack(nn.Module):
+    """A sequence of layers, an optional final LayerNorm, optional activation checkpointing per layer.
+
+    forward(x, context=None, *, cache=None (list from ``new_cache``), **masks) -> (B, N, dim)
+    """
+
+    def __init__(self, layers: list[TransformerLayer], dim: int, *, final_norm: bool = True,
+                 checkpoint: bool = False):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS) if final_norm else nn.Identity()
+        self.checkpoint = checkpoint
+
+    def new_cache(self, max_len: int | None = None) -> list[dict[str, KVCache]]:
+        return [{"self": KVCache(max_len), "cross": KVCache()} for _ in self.layers]
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
+                cache: list[dict[str, KVCache]] | None = None, **masks) -> torch.Tensor:
+        use_ckpt = self.checkpoint and cache is None and self.training and torch.is_grad_enabled()
+        for i, layer in enumerate(self.layers):
+            if use_ckpt:
+                x = _checkpoint(layer, x, context, use_reentrant=False, **masks)
+            else:
+                x = layer(x, context, cache=None if cache is None else cache[i], **masks)
+        return self.norm(x)
+
+
+def encoder(dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, *, cross: bool = False,
+            context_dim: int | None = None, rel_pos_grid: tuple[int, int] | None = None, final_norm: bool = True,
+            checkpoint: bool = False, backend: str | None = None) -> TransformerStack:
+    """A stack of :class:`EncoderLayer` (one relative-position table per layer when ``rel_pos_grid`` is set)."""
+    layers = [EncoderLayer(dim, heads, mlp_ratio, cross=cross, context_dim=context_dim, rel_pos_grid=rel_pos_grid,
+                           backend=backend) for _ in range(depth)]
+    return TransformerStack(layers, dim, final_norm=final_norm, checkpoint=checkpoint)
+
+
+def decoder(dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, *, cross: bool = False,
+            context_dim: int | None = None, final_norm: bool = True, checkpoint: bool = False,
+            backend: str | None = None) -> TransformerStack:
+    """A stack of causal :class:`DecoderLayer` (with cross-attention when ``cross``)."""
+    layers = [DecoderLayer(dim, heads, mlp_ratio, cross=cross, context_dim=context_dim, backend=backend)
+              for _ in range(depth)]
+    return TransformerStack(layers, dim, final_norm=final_norm, checkpoint=checkpoint)
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Transformer initialisation: N(0, std) for linear/embedding weights, zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.trunc_normal_(m.weight, std=std)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

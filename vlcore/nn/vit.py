@@ -1,0 +1,54 @@
+"""Vision Transformer: patch embedding + learned position embedding + pre-norm encoder stack."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlcore.nn.transformer import encoder
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``patch x patch`` patches -> (B, N, dim) tokens (a strided convolution)."""
+
+    def __init__(self, image_size: int, patch_size: int, dim: int, in_chans: int = 3):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"PatchEmbed: image_size {image_size} must be a multiple of patch_size {patch_size}")
+        self.image_size, self.patch_size = image_size, patch_size
+        self.grid = (image_size // patch_size, image_size // patch_size)
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        check_image("PatchEmbed", image, self.proj.in_channels, self.image_size)
+        return self.proj(image).flatten(2).transpose(1, 2)
+
+
+def check_image(owner: str, image: torch.Tensor, channels: int, size: int) -> None:
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != channels \
+            or tuple(image.shape[2:]) != (size, size):
+        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"{owner}: `image` must be (B, {channels}, {size}, {size}); got {got}")
+
+
+class ViT(nn.Module):
+    """forward(image (B, 3, S, S)) -> (B, [1 +] N, dim) normalised tokens (a leading class token if ``cls_token``)."""
+
+    def __init__(self, image_size: int, patch_size: int, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0,
+                 *, cls_token: bool = False, checkpoint: bool = False, backend: str | None = None):
+        super().__init__()
+        self.patch_embed = PatchEmbed(image_size, patch_size, dim)
+        n = self.patch_embed.num_patches + int(cls_token)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
+        self.pos_embed = nn.Parameter(torch.randn(1, n, dim) * 0.02)
+        self.blocks = encoder(dim, depth, heads, mlp_ratio, checkpoint=checkpoint, backend=backend)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(image)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.blocks(x + self.pos_embed)
