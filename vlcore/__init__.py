@@ -7,6 +7,7 @@ Importing never needs the compiled extension ``vlcore._C`` or a GPU.
 
 from vlcore._version import __version__
 from vlcore.ops import attention
+from vlcore.ops.vq import vq_nearest, vq_statistics  # noqa: F401
 from vlcore.ops.contrastive import contrastive_loss  # noqa: F401
 from vlcore import nn  # noqa: E402  (modules use the ops above)
 
