@@ -167,55 +167,46 @@ def test_swin_table_loads_unchanged():
     torch.testing.assert_close(vlcore.attention(q, k, v, rel_pos_table=table, rel_pos_grid=(gh, gw)), expected)
 
 
-@pytest.mark.parametrize("kw", [
-    {"causal": True},
-    {"prefix_lens": [2, 0], "kv_lens": [5, 3]},
-    {"rel_pos": True, "prefix_lens": [3, 1]},
-    {"shared": True, "kv_lens": [4, 2]},
-])
-def test_gradcheck(kw):
+def _case(kw, n, dim):
+    """Inputs and keyword arguments for a compact case description (``shared``/``rel_pos`` flags + masks)."""
     kw = dict(kw)
-    shared = kw.pop("shared", False)
-    rel = kw.pop("rel_pos", False)
-    q, k, v = _inputs(2, 5, 5, 2, 3, shared=shared)
-    args = {key: torch.tensor(val) for key, val in kw.items() if key != "causal"}
-    args["causal"] = kw.get("causal", False)
-    inputs = [q.requires_grad_(), k.requires_grad_(), v.requires_grad_()]
+    shared, rel = kw.pop("shared", False), kw.pop("rel_pos", False)
+    q, k, v = _inputs(2, n, n, 2, dim, shared=shared)
+    args = {key: (torch.tensor(val) if isinstance(val, list) else val) for key, val in kw.items()}
+    leaves = [q, k, v]
     if rel:
-        table = torch.randn(3 * 5, 2, dtype=torch.float64, requires_grad=True)
-        inputs.append(table)
-        fn = lambda q, k, v, t: vlcore.attention(q, k, v, rel_pos_table=t, rel_pos_grid=(2, 3), rel_pos_start=1,
-                                                 **args)
-    else:
-        fn = lambda q, k, v: vlcore.attention(q, k, v, **args)
-    assert torch.autograd.gradcheck(fn, inputs)
+        leaves.append(torch.randn(3 * 5, 2, dtype=torch.float64))
+        args.update(rel_pos_grid=(2, 3), rel_pos_start=1)
+
+    def fn(q, k, v, table=None):
+        return vlcore.attention(q, k, v, **args, **({"rel_pos_table": table} if table is not None else {}))
+
+    return leaves, args, fn
 
 
-@pytest.mark.parametrize("kw", [
-    {}, {"causal": True}, {"prefix_lens": [3, 0], "kv_lens": [4, 6]}, {"rel_pos": True, "kv_lens": [2, 6]},
-    {"shared": True, "prefix_lens": [1, 6]},
-])
+GRAD_CASES = [{"causal": True}, {"prefix_lens": [2, 0], "kv_lens": [5, 3]}, {"rel_pos": True, "prefix_lens": [3, 1]},
+              {"shared": True, "kv_lens": [4, 2]}, {"rel_pos": True, "kv_lens": [2, 5], "shared": True}]
+
+
+@pytest.mark.parametrize("kw", GRAD_CASES)
+def test_gradcheck(kw):
+    leaves, _, fn = _case(kw, 5, 3)
+    assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in leaves])
+
+
+@pytest.mark.parametrize("kw", [{}] + GRAD_CASES)
 def test_explicit_backward_equals_autograd(kw):
     """The backward formulas a fused kernel implements (reference.attention_backward) equal autograd."""
-    kw = dict(kw)
-    shared = kw.pop("shared", False)
-    rel = kw.pop("rel_pos", False)
-    q, k, v = _inputs(2, 6, 6, 2, 4, shared=shared)
-    args = {key: (torch.tensor(val) if isinstance(val, list) else val) for key, val in kw.items()}
-    table = None
-    if rel:
-        table = torch.randn(3 * 5, 2, dtype=torch.float64)
-        args.update(rel_pos_table=table, rel_pos_grid=(2, 3), rel_pos_start=2)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([table.clone().requires_grad_()] if rel else [])
-    if rel:
-        args["rel_pos_table"] = leaves[3]
-    out = ref.attention(*leaves[:3], **args)
+    leaves, args, fn = _case(kw, 6, 4)
+    grad_leaves = [t.clone().requires_grad_() for t in leaves]
+    out = fn(*grad_leaves)
     g = torch.randn_like(out)
-    expected = torch.autograd.grad(out, leaves, g)
-    got = ref.attention_backward(g, q, k, v, **{**args, "rel_pos_table": table} if rel else args)
+    expected = torch.autograd.grad(out, grad_leaves, g)
+    table = leaves[3] if len(leaves) > 3 else None
+    got = ref.attention_backward(g, *leaves[:3], rel_pos_table=table, **args)
     for name, a, e in zip(("dq", "dk", "dv", "dtable"), got, expected):
         torch.testing.assert_close(a, e, msg=lambda m, name=name: f"{name}: {m}")
-    if not rel:
+    if table is None:
         assert got[3] is None
 
 
