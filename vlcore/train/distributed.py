@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+_CREATED = False
+
 
 @dataclass
 class DistInfo:
@@ -45,22 +47,41 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
 
 def setup(requested_device: str = "auto", timeout_s: int = 600) -> DistInfo:
     """Initialise torch.distributed when launched by torchrun; returns this process's rank and device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    global _CREATED
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(requested_device, local_rank)
-    if world > 1 and not dist.is_initialized():
+    if dist.is_initialized():  # the caller set up the group (e.g. a launcher of its own): use it as it is
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 **({"device_id": device} if device.type == "cuda" else {}))
+        _CREATED = True
     return DistInfo(rank, world, local_rank, device)
 
 
 def teardown() -> None:
-    if dist.is_initialized():
+    """Destroy the process group if :func:`setup` created it."""
+    global _CREATED
+    if _CREATED and dist.is_initialized():
         dist.destroy_process_group()
+    _CREATED = False
+
+
+def ranks_agree(model: torch.nn.Module) -> bool:
+    """Whether every rank holds the same parameters (compares per-tensor float64 sums and sums of squares)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return True
+    params = [p.detach() for p in unwrap(model).parameters()]
+    local = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in params]).flatten()
+    local = local.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])
 
 
 def wrap(model: torch.nn.Module, info: DistInfo, strategy: str = "ddp") -> torch.nn.Module:

@@ -68,7 +68,8 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, device, *, max_text_len: int, image_size: int = 64, seed: int = 0,
-             n_scenes: int = 100, batch_size: int = 256, autocast=None, max_phrase_len: int = 6) -> dict:
+             n_scenes: int = 100, batch_size: int = 256, autocast=None, max_phrase_len: int = 6,
+             zero_shot_images: int | None = None) -> dict:
     """All the metrics that ``model`` supports, as a flat dict (fractions in [0, 1])."""
     autocast = autocast or contextlib.nullcontext
     was_training = model.training
@@ -76,6 +77,8 @@ def evaluate(model, tokenizer, device, *, max_text_len: int, image_size: int = 6
     out: dict = {"method": "dual-encoder" if _dual(model) else "score"}
     try:
         images, labels = zero_shot_set(seed=seed, image_size=image_size)
+        if zero_shot_images is not None:
+            images, labels = images[:zero_shot_images], labels[:zero_shot_images]
         prompts, prompt_mask = tokenizer.batch([f"a {d}" for d in range(10)], max_text_len)
         scores = _pair_scores(model, images, prompts, prompt_mask, device, batch_size, autocast)
         out["zero_shot_acc"] = (scores.argmax(1) == labels).float().mean().item()

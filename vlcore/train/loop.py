@@ -345,11 +345,16 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
     train_s = time.perf_counter() - t_start
     _log(info, f"trained {cfg.steps - start_step} steps in {train_s:.0f} s; final loss {losses[-1]:.4f}"
                + (f"; skipped {source.skipped} unreadable samples" if source.skipped else ""))
+    if info.enabled and cfg.dist == "ddp":
+        if not distributed.ranks_agree(model):
+            raise RuntimeError("after training the ranks hold different weights: a model op is not deterministic "
+                               "across processes or skips DDP's gradient averaging")
+        _log(info, f"weights identical on all {info.world_size} ranks")
     if info.is_main:
         _log(info, plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png"))
 
     result = {"run_dir": str(run_dir), "final_loss": losses[-1], "losses": losses, "eval": None,
-              "train_seconds": train_s}
+              "train_seconds": train_s, "model": model}
     do_eval = cfg.eval == "on" or (cfg.eval == "auto" and cfg.data == DIGITS)
     if do_eval:
         eval_model = train_model if (cfg.dist == "fsdp" and info.enabled) else model
@@ -369,3 +374,16 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
     _log(info, f"checkpoint: {run_dir / 'checkpoints'}  metrics: {run_dir / 'metrics.jsonl'}")
     sys.stdout.flush()
     return result
+
+
+def model_from_checkpoint(path: str, device: torch.device | str = "cpu"):
+    """(model in eval mode on ``device``, tokenizer, metadata) from a run folder or weights file."""
+    ckpt = checkpoint.load_checkpoint(path, with_state=False)
+    meta = ckpt["metadata"]
+    if "model" not in meta or "config" not in meta or "tokenizer" not in meta:
+        raise ValueError(f"{ckpt['weights_path']} is not a vlcore checkpoint (its metadata lacks model/config/"
+                         f"tokenizer: {sorted(meta)})")
+    model, _ = build_model(meta["model"], meta["config"])
+    model.load_state_dict(ckpt["model_state"])
+    model.to(device).eval()
+    return model, ByteBPETokenizer.from_dict(meta["tokenizer"]), meta

@@ -1,0 +1,325 @@
+"""The ``vlcore`` command line: pretrain, eval, caption, bench, info.
+
+    vlcore pretrain                      # coca-tiny on the embedded digits-scenes dataset, then evaluation
+    torchrun --nproc_per_node 8 -m vlcore.cli pretrain --model coca-tiny --data 'shards/{00000..00099}.tar'
+    vlcore eval --checkpoint runs/coca-tiny-20260101-120000
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+
+_DESCRIPTION = "vlcore: fused kernels and compact models for vision-language pretraining."
+
+
+def _plugins(names: list[str] | None) -> None:
+    for name in names or []:
+        importlib.import_module(name)
+
+
+def _json_value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _overrides(pairs: list[str] | None) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"vlcore: --set expects KEY=VALUE, got {pair!r}")
+        k, v = pair.split("=", 1)
+        out[k.strip()] = _json_value(v)
+    return out
+
+
+def _model_names() -> str:
+    try:
+        from vlcore import models
+
+        names = models.list_models()
+    except Exception as e:  # noqa: BLE001 - the help text must render even if a model file is broken
+        return f"(the model registry failed to load: {e})"
+    return ", ".join(names) if names else "(none registered yet)"
+
+
+# ---------------------------------------------------------------------------------------------- pretrain
+def _add_pretrain(sub) -> None:
+    from vlcore.train.loop import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "pretrain", help="pretrain a model (default: coca-tiny on the embedded digits-scenes dataset)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Pretrain a vision-language model with its own objective, save checkpoints, metrics "
+                    "(JSONL + PNG) and, on digits-scenes, evaluate on held-out data at the end. With no arguments "
+                    "it trains coca-tiny on digits-scenes on whatever device exists (CUDA if available). "
+                    "Multi-GPU / multi-node: launch with torchrun (torchrun --nproc_per_node N -m vlcore.cli "
+                    "pretrain ...); DDP by default, --dist fsdp to shard.",
+        epilog=f"models: {_model_names()}")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=d.model, help="registered model name (see the list below)")
+    g.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                   help="override a model config field (value parsed as JSON), repeatable, e.g. --set width=128")
+    g.add_argument("--data", default=d.data,
+                   help="'digits-scenes' (embedded, generated from scikit-learn's digits) or tar shards / JSONL "
+                        "manifests: 'dir/', 'shards/{00000..00009}.tar', globs, comma-separated lists")
+    g.add_argument("--image-size", type=int, default=d.image_size, help="input resolution (square)")
+    g.add_argument("--max-text-len", type=int, default=d.max_text_len, help="caption length incl. BOS/EOS")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer JSON file to use (default: train a byte-level BPE on the run's captions)")
+    g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="vocabulary size when training the BPE")
+    g.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader processes (shards)")
+    g.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="sample shuffle window (shards)")
+    g.add_argument("--plugin", action="append", metavar="MODULE",
+                   help="import MODULE first (e.g. one that registers your models with vlcore.models.register)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    o.add_argument("--batch-size", type=int, default=d.batch_size, help="micro-batch per process")
+    o.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    o.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr (cosine)")
+    o.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
+    o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay of weight matrices")
+    o.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (0: no clipping)")
+    o.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data and dropout")
+    r = p.add_argument_group("hardware")
+    r.add_argument("--device", default=d.device, help="auto (CUDA when available), cpu, cuda, cuda:1")
+    r.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 autocast on GPUs that support it, fp32 otherwise")
+    r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each transformer block in the backward (less memory, ~30%% more compute)")
+    r.add_argument("--dist", default=d.dist, choices=["ddp", "fsdp"],
+                   help="data-parallel strategy under torchrun (fsdp: FSDP2 fully_shard per block)")
+    c = p.add_argument_group("output and checkpoints")
+    c.add_argument("--out-dir", default=None, help="run folder (default runs/<model>-<date>-<time>)")
+    c.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue a run exactly: its folder, its checkpoints/latest.json or a weights file")
+    c.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (and at the end)")
+    c.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep")
+    c.add_argument("--log-every", type=int, default=d.log_every, help="metrics JSONL record every N steps")
+    c.add_argument("--eval", default=d.eval, choices=["auto", "on", "off"],
+                   help="held-out evaluation at the end (auto: on for digits-scenes)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_pretrain(args) -> int:
+    from vlcore.train.loop import TrainConfig, pretrain
+
+    _plugins(args.plugin)
+    cfg = TrainConfig(model=args.model, data=args.data, steps=args.steps, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
+                      weight_decay=args.weight_decay, clip_grad=args.clip_grad, seed=args.seed,
+                      precision=args.precision, device=args.device, compile=args.compile,
+                      activation_checkpointing=args.activation_checkpointing, dist=args.dist,
+                      out_dir=args.out_dir, resume=args.resume, save_every=args.save_every, keep=args.keep,
+                      log_every=args.log_every, eval=args.eval, tokenizer=args.tokenizer,
+                      vocab_size=args.vocab_size, max_text_len=args.max_text_len, image_size=args.image_size,
+                      num_workers=args.num_workers, shuffle_buffer=args.shuffle_buffer,
+                      overrides=_overrides(args.overrides), quiet=args.quiet)
+    for name in ("steps", "batch_size", "grad_accum"):
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"vlcore pretrain: --{name.replace('_', '-')} must be >= 1; got {getattr(cfg, name)}")
+    pretrain(cfg)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- eval / caption
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint on held-out digits-scenes data",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Zero-shot digit classification on held-out single digits (prompts 'a 0'..'a 9'), "
+                                   "image-text retrieval R@1/R@5 on held-out scenes, caption exact match for "
+                                   "captioners and box IoU for models with a box head. Prints a table and writes "
+                                   "JSON.")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="run folder, its checkpoints/latest.json, or a weights file")
+    p.add_argument("--scenes", type=int, default=100, help="held-out scenes for retrieval")
+    p.add_argument("--zero-shot-images", type=int, default=None,
+                   help="held-out single-digit images to classify (default: all 359 held-out scans)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out images' placement")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="as for pretrain")
+    p.add_argument("--out", default=None, help="JSON path (default: eval.json in the run folder)")
+    p.add_argument("--plugin", action="append", metavar="MODULE", help="import MODULE first (custom models)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _load(args):
+    from vlcore.train import distributed
+    from vlcore.train.loop import model_from_checkpoint
+
+    _plugins(args.plugin)
+    device = distributed.pick_device(args.device)
+    model, tokenizer, meta = model_from_checkpoint(args.checkpoint, device)
+    return model, tokenizer, meta, device
+
+
+def _cmd_eval(args) -> int:
+    from vlcore.train import checkpoint, evaluation
+    from vlcore.train.loop import autocast_for
+
+    model, tokenizer, meta, device = _load(args)
+    autocast, _ = autocast_for(device, args.precision)
+    data = meta.get("data", {})
+    metrics = evaluation.evaluate(model, tokenizer, device, max_text_len=int(data.get("max_text_len", 16)),
+                                  image_size=int(data.get("image_size", 64)), seed=args.seed,
+                                  n_scenes=args.scenes, batch_size=args.batch_size, autocast=autocast,
+                                  zero_shot_images=args.zero_shot_images)
+    metrics.update(model=meta["model"], step=int(meta.get("step", 0)))
+    print(f"{meta['model']} at step {metrics['step']}")
+    print(evaluation.format_table(metrics))
+    weights, _ = checkpoint.resolve(args.checkpoint)
+    out = Path(args.out) if args.out else weights.parent.parent / "eval.json"
+    evaluation.save_json(metrics, out)
+    print(f"saved {out}")
+    return 0
+
+
+def _add_caption(sub) -> None:
+    p = sub.add_parser("caption", help="caption images (or held-out digit scenes) with a captioning checkpoint",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Generate captions with a captioner's generate() (CoCa, SimVLM). Give image "
+                                   "files, or none to caption held-out digits-scenes images next to their reference "
+                                   "captions.")
+    p.add_argument("images", nargs="*", help="image files (need Pillow); none: held-out digits-scenes")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="run folder or weights file")
+    p.add_argument("--num", type=int, default=8, help="held-out scenes to caption when no image is given")
+    p.add_argument("--strategy", default="greedy", choices=["greedy", "beam", "top_p"], help="decoding")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's max_text_len")
+    p.add_argument("--beams", type=int, default=4, help="beam width (strategy beam)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass (strategy top_p)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (strategy top_p)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed and held-out scene seed")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--plugin", action="append", metavar="MODULE", help="import MODULE first (custom models)")
+    p.set_defaults(func=_cmd_caption)
+
+
+def _generate_kwargs(fn, args) -> dict:
+    """Pass the decoding options under the names ``generate`` accepts."""
+    params = inspect.signature(fn).parameters
+    wanted = {"num_beams": args.beams, "beam_size": args.beams, "beams": args.beams, "top_p": args.top_p,
+              "temperature": args.temperature}
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return {"top_p": args.top_p, "temperature": args.temperature, "num_beams": args.beams}
+    return {k: v for k, v in wanted.items() if k in params}
+
+
+def _cmd_caption(args) -> int:
+    import torch
+
+    from vlcore.data.digits_scenes import retrieval_set, scenes_to_arrays
+    from vlcore.data.shards import decode_image
+
+    model, tokenizer, meta, device = _load(args)
+    if not hasattr(model, "generate"):
+        raise SystemExit(f"vlcore caption: {meta['model']} is not a captioner (it has no generate()); captioners: "
+                         "coca-*, simvlm-*")
+    data = meta.get("data", {})
+    size = int(data.get("image_size", 64))
+    if args.images:
+        images = torch.stack([decode_image(Path(f).read_bytes(), size) for f in args.images])
+        refs = [None] * len(args.images)
+        names = list(args.images)
+    else:
+        scenes = retrieval_set(n=args.num, seed=args.seed, image_size=size)
+        arr = scenes_to_arrays(scenes)
+        images, refs, names = arr["image"], arr["caption"], [f"held-out scene {i}" for i in range(len(scenes))]
+    torch.manual_seed(args.seed)
+    kwargs = _generate_kwargs(model.generate, args)
+    with torch.no_grad():
+        ids = model.generate(images.to(device), max_new_tokens=args.max_new_tokens or int(data.get("max_text_len", 16)),
+                             strategy=args.strategy, **kwargs).cpu()
+    for name, row, ref in zip(names, ids, refs):
+        text = tokenizer.decode(row.tolist()).strip()
+        print(f"{name}: {text}" + (f"   (reference: {ref})" if ref is not None else ""))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- bench / info
+def _benchmarks_dir() -> Path | None:
+    env = os.environ.get("VLCORE_BENCHMARKS")
+    candidates = [Path(env)] if env else []
+    candidates += [Path(__file__).resolve().parent.parent / "benchmarks", Path.cwd() / "benchmarks"]
+    for c in candidates:
+        if (c / "run_all.py").is_file():
+            return c
+    return None
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="run the benchmark suite (benchmarks/run_all.py of a source checkout)",
+                       description="Runs benchmarks/run_all.py from the vlcore source checkout (an editable "
+                                   "install, the current folder, or $VLCORE_BENCHMARKS): every bench_*.py script, "
+                                   "results under benchmarks/results/<device>/.")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run, or a fast GPU pass)")
+    p.add_argument("--only", default="", help="comma-separated benchmark names (bench_<name>.py), e.g. attention,vq")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    import subprocess
+
+    bench = _benchmarks_dir()
+    if bench is None:
+        print("vlcore bench: the benchmarks/ folder was not found. It ships with the source checkout, not with a "
+              "wheel: clone the repository and `pip install -e .`, run from the checkout's root, or set "
+              "VLCORE_BENCHMARKS=/path/to/vlcore/benchmarks.", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, str(bench / "run_all.py")] + (["--quick"] if args.quick else [])
+    cmd += (["--only", args.only] if args.only else []) + (["--out", args.out] if args.out else [])
+    return subprocess.call(cmd, cwd=bench.parent)
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="versions, the CUDA extension's build and each op's available backends",
+                       description="Same as python -m vlcore.info: versions, the build of vlcore._C and, per op, "
+                                   "which backends are available here and why the others are not.")
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(args) -> int:
+    from vlcore import info
+
+    return int(info.main([]) or 0)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    from vlcore._version import __version__
+
+    parser = argparse.ArgumentParser(prog="vlcore", description=_DESCRIPTION,
+                                     epilog="Run `vlcore <command> --help` for the options of a command.")
+    parser.add_argument("--version", action="version", version=f"vlcore {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    _add_pretrain(sub)
+    _add_eval(sub)
+    _add_caption(sub)
+    _add_bench(sub)
+    _add_info(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
