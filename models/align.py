@@ -1,0 +1,118 @@
+"""ALIGN (Jia et al., ICML 2021): a dual encoder trained with a contrastive loss on noisy alt-text pairs.
+
+* Image tower: EfficientNet (paper: EfficientNet-L2; ``align-base``: B7 as in the public ALIGN-base release)
+  whose head conv outputs the embedding width; the image embedding is its global average pool. A ViT tower
+  (``image_tower="vit"``: class token -> linear projection) can be chosen by config.
+* Text tower: BERT encoder (``vlcore.nn.text.TextEncoder``); the text embedding is the [CLS] (our BOS) output
+  through a linear layer to the embedding width.
+* Loss: symmetric InfoNCE over the global batch through ``vlcore.contrastive_loss`` with a learnable temperature
+  (``vlcore.nn.ContrastiveLoss``). Not reproduced: ALIGN's label smoothing (0.1) — the op has no smoothing term.
+
+Batch keys: ``image``, ``text``, ``text_mask``. Provides ``encode_image`` / ``encode_text`` (L2-normalised;
+retrieval and zero-shot heads), ``image_tokens`` (feature-map tokens for the captioning head) and
+``joint_embedding`` = [u, v, u*v] of the two embeddings (for the classification heads, no fusion encoder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlcore.nn.contrastive import ContrastiveLoss
+from vlcore.nn.efficientnet import EfficientNet
+from vlcore.nn.text import TextEncoder
+from vlcore.nn.transformer import init_weights
+from vlcore.nn.vit import ViT, check_image
+
+from . import register
+from ._common import need, text_lengths
+
+
+@dataclasses.dataclass
+class ALIGNConfig:
+    vocab_size: int = 30522
+    image_size: int = 289
+    max_text_len: int = 64
+    embed_dim: int = 640
+    image_tower: str = "efficientnet"  # or "vit"
+    effnet_width: float = 2.0  # B7
+    effnet_depth: float = 3.1
+    drop_path: float = 0.2
+    vit_patch: int = 16
+    vit_dim: int = 768
+    vit_depth: int = 12
+    vit_heads: int = 12
+    text_dim: int = 768
+    text_depth: int = 12
+    text_heads: int = 12
+    mlp_ratio: float = 4.0
+    checkpoint: bool = False
+
+
+class ALIGN(nn.Module):
+    name = "align"
+
+    def __init__(self, config: ALIGNConfig):
+        super().__init__()
+        c = self.config = config
+        if c.image_tower == "efficientnet":
+            self.image_encoder = EfficientNet(c.effnet_width, c.effnet_depth, out_dim=c.embed_dim,
+                                              drop_path=c.drop_path)
+            self.image_proj = None
+        elif c.image_tower == "vit":
+            self.image_encoder = ViT(c.image_size, c.vit_patch, c.vit_dim, c.vit_depth, c.vit_heads, c.mlp_ratio,
+                                     cls_token=True, checkpoint=c.checkpoint)
+            self.image_proj = nn.Linear(c.vit_dim, c.embed_dim)
+        else:
+            raise ValueError(f"{self.name}: image_tower must be 'efficientnet' or 'vit'; got {c.image_tower!r}")
+        self.text_encoder = TextEncoder(c.vocab_size, c.text_dim, c.text_depth, c.text_heads, c.max_text_len,
+                                        c.mlp_ratio, checkpoint=c.checkpoint)
+        self.text_proj = nn.Linear(c.text_dim, c.embed_dim)
+        self.contrastive = ContrastiveLoss("infonce")
+        init_weights(self.text_encoder)
+        init_weights(self.text_proj)
+        if self.image_proj is not None:
+            init_weights(self.image_encoder)
+            init_weights(self.image_proj)
+
+    @property
+    def joint_dim(self) -> int:
+        return 3 * self.config.embed_dim
+
+    def image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) image tokens: the EfficientNet feature map flattened, or the ViT tokens."""
+        check_image(self.name, image, 3, self.config.image_size)
+        x = self.image_encoder(image)
+        return x.flatten(2).transpose(1, 2) if x.dim() == 4 else x
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        check_image(self.name, image, 3, self.config.image_size)
+        x = self.image_encoder(image)
+        emb = x.mean((2, 3)) if self.image_proj is None else self.image_proj(x[:, 0])
+        return F.normalize(emb.float(), dim=-1)
+
+    def encode_text(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        text_lengths(self.name, text, text_mask)
+        return F.normalize(self.text_proj(self.text_encoder(text, text_mask.bool())[:, 0]).float(), dim=-1)
+
+    def joint_embedding(self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        u, v = self.encode_image(image), self.encode_text(text, text_mask)
+        return torch.cat([u, v, u * v], dim=-1)
+
+    def score(self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        return (self.encode_image(image) * self.encode_text(text, text_mask)).sum(-1)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        image, text = need(batch, "image", self.name), need(batch, "text", self.name)
+        text_mask = need(batch, "text_mask", self.name)
+        itc = self.contrastive(self.encode_image(image), self.encode_text(text, text_mask))
+        return {"loss": itc, "itc": itc}
+
+
+register("align-tiny", ALIGNConfig(vocab_size=1024, image_size=64, max_text_len=32, embed_dim=64,
+                                   effnet_width=0.25, effnet_depth=0.34, drop_path=0.0, vit_patch=8, vit_dim=64,
+                                   vit_depth=2, vit_heads=2, text_dim=64, text_depth=2, text_heads=2), ALIGN)
+register("align-base", ALIGNConfig(), ALIGN)
