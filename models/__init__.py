@@ -13,7 +13,7 @@ from typing import Any
 
 _REGISTRY: dict[str, tuple[Callable[..., Any], Any]] = {}
 # Each model family is one module in this package; importing it registers its configs.
-_FAMILIES: tuple[str, ...] = ("coca", "simvlm")
+_FAMILIES: tuple[str, ...] = ("coca", "simvlm", "soho", "xvlm")
 
 
 def register(name: str, config: Any, builder: Callable[..., Any]) -> None:
