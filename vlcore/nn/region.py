@@ -70,3 +70,26 @@ class MaskedRegionRegression(nn.Module):
         if x.shape[0] == 0:
             return h.sum() * 0.0
         return (self.head(x).float() - y.float()).pow(2).sum(-1).mean()
+
+
+def roi_align(fmap: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear RoI sampling: (B, C, H, W) map, (B, R, 4) normalised cxcywh boxes -> (B, R, C, size, size).
+
+    Samples the ``size`` x ``size`` cell centres of each box (RoIAlign with one sample per bin); differentiable
+    in the feature map.
+    """
+    b, c = fmap.shape[:2]
+    r = boxes.shape[1]
+    base = (torch.arange(size, device=fmap.device, dtype=fmap.dtype) + 0.5) / size - 0.5  # in [-0.5, 0.5]
+    cx, cy, w, h = boxes.to(fmap.dtype).unbind(-1)
+    xs = (cx[..., None] + base * w[..., None]) * 2 - 1  # (B, R, size) in grid_sample's [-1, 1]
+    ys = (cy[..., None] + base * h[..., None]) * 2 - 1
+    grid = torch.stack(torch.broadcast_tensors(xs[:, :, None, :], ys[:, :, :, None]), dim=-1)  # (B, R, s, s, 2)
+    out = F.grid_sample(fmap, grid.reshape(b, r * size, size, 2), align_corners=False)  # (B, C, R*s, s)
+    return out.view(b, c, r, size, size).permute(0, 2, 1, 3, 4)
+
+
+def box_geometry(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) cxcywh -> (..., 6) (x1, y1, x2, y2, w, h): the box part of OSCAR/VinVL region features."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, w, h], dim=-1)
