@@ -54,6 +54,32 @@ dispatch.register(dispatch.Backend(
 ))
 
 
+def _load_triton():
+    from vlcore.kernels import vq
+
+    return vq.TritonBackend
+
+
+def _load_cuda():
+    from vlcore.ops import vq_cuda
+
+    return vq_cuda.CudaBackend
+
+
+_LOWP = (torch.float16, torch.bfloat16, torch.float32)
+# Triton above CUDA until a GPU benchmark decides which is faster (then the faster one gets the higher priority).
+dispatch.register(dispatch.Backend(
+    op=OP, name=dispatch.TRITON, devices=("cuda",), dtypes=_LOWP, priority=20, load=_load_triton,
+    requires=dispatch.triton_missing, interpreter_cpu=True,
+    description="fused tiled distance + argmin (no N x K), sorted segmented statistics (deterministic)",
+))
+dispatch.register(dispatch.Backend(
+    op=OP, name=dispatch.CUDA, devices=("cuda",), dtypes=_LOWP, priority=10, load=_load_cuda,
+    requires=lambda: dispatch.cuda_ext_missing("vq_nearest"),
+    description="csrc/vq.cu: warp-level argmin, sorted segmented statistics (deterministic)",
+))
+
+
 # ---- registered ops ------------------------------------------------------------------------------------
 
 @torch.library.custom_op("vlcore::vq_nearest", mutates_args=())

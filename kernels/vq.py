@@ -1,0 +1,224 @@
+r"""Triton visual dictionary (SOHO, Huang et al. CVPR 2021): fused nearest-entry search, deterministic per-entry
+statistics and the momentum update — nothing of size N x K is ever allocated.
+
+Nearest entry (semantics: :mod:`vlcore.reference.vq`). One program owns BLOCK_N rows and scans the codebook in
+BLOCK_K tiles, each a tensor-core dot over D chunks with fp32 accumulation, keeping a running (best, index):
+
+    s_ij = ||e_j||^2 - 2 x_i.e_j      (||e||^2 precomputed once per call, fp32)
+    h_i  = argmin_j s_ij               (tl.argmin breaks ties to the lowest index inside a tile; a later tile
+                                        replaces the best only when strictly smaller, so ties go to the lowest j)
+    d_i  = max(s_ih + ||x_i||^2, 0)
+
+* l2 with fp16/bf16 x: the codebook is cast once to x's dtype (the reference's semantics), so the products are
+  exact and the dot runs on the tensor cores with fp32 accumulation.
+* fp32 x, and cosine: fp32 operands with IEEE fp32 products (as torch's default matmul). For cosine the codebook
+  is normalised once per call (as F.normalize); rows are normalised on the fly: x^.e^ = (x.e^) / max(||x||, eps).
+
+Statistics (counts and sums per entry, fp32): the rows are ordered by entry (stable sort) and one program per
+(block of BLOCK_J entries, D chunk) adds their contiguous rows through a local BLOCK_J x BLOCK_R one-hot dot
+(exact 0/1 products, fp32 accumulation) in a fixed order — no float atomics, so the result is bitwise
+deterministic. (Work per program follows its entries' counts: a very skewed assignment serialises on the block
+holding the largest entry.)
+
+Momentum update (SOHO): n <- g n + (1-g) counts; m <- g m + (1-g) sums; n~ = (n + eps)/(sum n + K eps) sum n;
+e = m / n~ (left unchanged where n~ = 0). The K counts and their sum go through torch (K values); one kernel
+then updates sums and codebook over K x D reading the total from device memory (no host sync).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from vlcore.reference import vq as ref
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _nearest_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, dist_ptr, n_rows, n_codes, dim, sx, se,
+                    COSINE: tl.constexpr, NORM_EPS: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    # ||x||^2 in fp32 (one pass over the row block)
+    x_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        xt = tl.load(x_ptr + rows64[:, None] * sx + ds[None, :], mask=row_ok[:, None] & (ds[None, :] < dim),
+                     other=0.0).to(tl.float32)
+        x_sq += tl.sum(xt * xt, axis=1)
+    scale = tl.full((BLOCK_N,), 1.0, tl.float32)
+    if COSINE:
+        scale = 1.0 / tl.maximum(tl.sqrt(x_sq), NORM_EPS)
+        x_sq = x_sq * scale * scale
+    best = tl.full((BLOCK_N,), float("inf"), tl.float32)
+    best_idx = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    for k0 in range(0, n_codes, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < n_codes
+        cols64 = cols.to(tl.int64)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_ok = ds < dim
+            et = tl.load(e_ptr + cols64[None, :] * se + ds[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            xt = tl.load(x_ptr + rows64[:, None] * sx + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = tl.dot(xt.to(et.dtype), et, acc, input_precision=PRECISION)
+        e_sq = tl.load(e_sq_ptr + cols, mask=col_ok, other=0.0)
+        scores = e_sq[None, :] - 2.0 * (acc * scale[:, None])
+        scores = tl.where(col_ok[None, :], scores, float("inf"))
+        tile_best = tl.min(scores, axis=1)
+        tile_idx = tl.argmin(scores, axis=1) + k0
+        better = tile_best < best  # strict: an equal later tile keeps the lower index
+        best_idx = tl.where(better, tile_idx, best_idx)
+        best = tl.where(better, tile_best, best)
+    tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_ok)
+    tl.store(dist_ptr + rows, tl.maximum(best + x_sq, 0.0), mask=row_ok)
+
+
+@triton.jit
+def _statistics_kernel(x_ptr, order_ptr, sorted_idx_ptr, offsets_ptr, out_ptr, n_codes, dim, sx, so,
+                       BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Entries [j0, j0 + BLOCK_J) own the contiguous sorted rows [offsets[j0], offsets[j0 + BLOCK_J]); each row
+    block is added to its entry through a local (BLOCK_J x BLOCK_R) one-hot dot — exact 0/1 products, fp32
+    accumulation in a fixed order. packed[j, :D] = sums, packed[j, D] = counts."""
+    j0 = tl.program_id(0) * BLOCK_J
+    js = j0 + tl.arange(0, BLOCK_J)
+    j_ok = js < n_codes
+    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = ds < dim
+    start = tl.load(offsets_ptr + j0)
+    end = tl.load(offsets_ptr + tl.minimum(j0 + BLOCK_J, n_codes))
+    acc = tl.zeros((BLOCK_J, BLOCK_D), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rs < end
+        rows = tl.load(order_ptr + rs, mask=r_ok, other=0)
+        seg = tl.load(sorted_idx_ptr + rs, mask=r_ok, other=-1)
+        xt = tl.load(x_ptr + rows[:, None] * sx + ds[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        onehot = (js[:, None] == seg[None, :]).to(xt.dtype)
+        acc = tl.dot(onehot, xt, acc, input_precision=PRECISION)
+    out_rows = out_ptr + js.to(tl.int64)[:, None] * so
+    tl.store(out_rows + ds[None, :], acc, mask=j_ok[:, None] & d_ok[None, :])
+    if tl.program_id(1) == 0:
+        lo = tl.load(offsets_ptr + js, mask=j_ok, other=0)
+        hi = tl.load(offsets_ptr + js + 1, mask=j_ok, other=0)
+        tl.store(out_ptr + js.to(tl.int64) * so + dim, (hi - lo).to(tl.float32), mask=j_ok)
+
+
+@triton.jit
+def _ema_kernel(codebook_ptr, ema_counts_ptr, ema_sums_ptr, packed_ptr, total_ptr, n_codes, dim, sp,
+                gamma, eps, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Sums EMA, Laplace smoothing and codebook = sums / smoothed counts (the counts EMA is already applied)."""
+    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    k_ok, d_ok = ks < n_codes, ds < dim
+    mask = k_ok[:, None] & d_ok[None, :]
+    total = tl.load(total_ptr)
+    n = tl.load(ema_counts_ptr + ks, mask=k_ok, other=0.0)
+    smoothed = (n + eps) / (total + n_codes * eps) * total
+    ks64 = ks.to(tl.int64)
+    offs = ks64[:, None] * dim + ds[None, :]
+    batch_sums = tl.load(packed_ptr + ks64[:, None] * sp + ds[None, :], mask=mask, other=0.0)
+    sums = tl.load(ema_sums_ptr + offs, mask=mask, other=0.0) * gamma + batch_sums * (1.0 - gamma)
+    tl.store(ema_sums_ptr + offs, sums, mask=mask)
+    old = tl.load(codebook_ptr + offs, mask=mask, other=0.0)
+    safe = tl.where(smoothed > 0, smoothed, 1.0)
+    tl.store(codebook_ptr + offs, tl.where(smoothed[:, None] > 0, sums / safe[:, None], old), mask=mask)
+
+
+# ---- launchers -----------------------------------------------------------------------------------------
+
+def _nearest_config(dot_dtype: torch.dtype, dim: int) -> dict:
+    if _INTERPRET:  # few, large numpy ops: the interpreter's cost is per operation
+        return dict(BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, num_warps=4)
+    if dot_dtype == torch.float32:
+        return dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, num_warps=4, num_stages=3)
+    return dict(BLOCK_N=128, BLOCK_K=128, BLOCK_D=64 if dim >= 64 else 32, num_warps=8, num_stages=3)
+
+
+def prepare_codebook(codebook: torch.Tensor, x_dtype: torch.dtype, distance: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codebook operand for the dot, ||e||^2 fp32): once per call, K x D work."""
+    if distance == "cosine" or x_dtype == torch.float32:
+        e = codebook.detach().to(x_dtype).float()
+        if distance == "cosine":
+            e = F.normalize(e, dim=1, eps=ref.NORMALIZE_EPS)
+        return e.contiguous(), (e * e).sum(1)
+    e = codebook.detach().to(x_dtype).contiguous()
+    return e, e.float().pow(2).sum(1)
+
+
+def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, distance: str = "l2") -> tuple[torch.Tensor, torch.Tensor]:
+    """x (N, D) fp16/bf16/fp32, codebook (K, D) -> (indices int64 [N], squared distances fp32 [N])."""
+    x = x.detach()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    n, dim = x.shape
+    e, e_sq = prepare_codebook(codebook, x.dtype, distance)
+    idx = torch.empty(n, dtype=torch.int64, device=x.device)
+    dist = torch.empty(n, dtype=torch.float32, device=x.device)
+    if n == 0:
+        return idx, dist
+    cfg = _nearest_config(e.dtype, dim)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+    _nearest_kernel[grid](x, e, e_sq, idx, dist, n, e.shape[0], dim, x.stride(0), e.stride(0),
+                          COSINE=distance == "cosine", NORM_EPS=ref.NORMALIZE_EPS,
+                          PRECISION="ieee", **cfg)
+    return idx, dist
+
+
+def sorted_segments(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sorted entry ids, rows in that order (stable), offsets [K + 1]): entry j owns rows
+    order[offsets[j]:offsets[j+1]]. O(N + K) memory."""
+    idx = indices.reshape(-1).long()
+    sorted_idx, order = torch.sort(idx, stable=True)
+    offsets = torch.zeros(num_codes + 1, dtype=torch.int64, device=idx.device)
+    torch.cumsum(torch.bincount(idx, minlength=num_codes), 0, out=offsets[1:])
+    return sorted_idx, order, offsets
+
+
+def vq_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """Packed fp32 (K, D + 1) statistics: [:, :D] per-entry sums of x, [:, D] counts. Deterministic."""
+    x = x.detach()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    dim = x.shape[1]
+    out = torch.empty(num_codes, dim + 1, dtype=torch.float32, device=x.device)
+    sorted_idx, order, offsets = sorted_segments(indices, num_codes)
+    block_d = min(128, triton.next_power_of_2(max(dim, 16)))
+    block_j, block_r = (32, 32) if _INTERPRET else (16, 64)
+    grid = (triton.cdiv(num_codes, block_j), triton.cdiv(dim, block_d))
+    _statistics_kernel[grid](x, order, sorted_idx, offsets, out, num_codes, dim, x.stride(0), out.stride(0),
+                             BLOCK_J=block_j, BLOCK_R=block_r, BLOCK_D=block_d, PRECISION="ieee", num_warps=4)
+    return out
+
+
+def ema_update(codebook: torch.Tensor, ema_counts: torch.Tensor, ema_sums: torch.Tensor, packed: torch.Tensor,
+               gamma: float, eps: float) -> None:
+    """SOHO's momentum step in place on contiguous fp32 state, from packed (K, D + 1) batch statistics."""
+    for name, t in (("codebook", codebook), ("ema_counts", ema_counts), ("ema_sums", ema_sums)):
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"vq ema_update: `{name}` must be contiguous fp32 state; got {t.dtype}, {t.stride()}")
+    k, dim = codebook.shape
+    packed = packed.float()
+    ema_counts.mul_(gamma).add_(torch.mul(packed[:, dim], 1.0 - gamma))  # the reference's exact ops
+    total = ema_counts.sum().reshape(1)
+    block_k, block_d = 32, min(128, triton.next_power_of_2(max(dim, 16)))
+    grid = (triton.cdiv(k, block_k), triton.cdiv(dim, block_d))
+    _ema_kernel[grid](codebook, ema_counts, ema_sums, packed, total, k, dim, packed.stride(0), float(gamma),
+                      float(eps), BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
+
+
+class TritonBackend:
+    """The ``triton`` backend of the ``vq`` op family (see :mod:`vlcore.ops.vq`)."""
+
+    nearest = staticmethod(vq_nearest)
+    statistics = staticmethod(vq_statistics)
+    ema_update = staticmethod(ema_update)
