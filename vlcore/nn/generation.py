@@ -126,5 +126,6 @@ def _beam(state: DecodingState, start: torch.Tensor, max_new_tokens: int, k: int
         seqs = torch.cat([seqs[beam], token[:, None]], dim=1)
         done = done[beam] | (token == T.EOS)
     normed = (scores / lengths.pow(length_penalty)).view(batch, k)
-    best = normed.argmax(-1) + torch.arange(batch, device=device) * k
-    return seqs[best]
+    best = seqs[normed.argmax(-1) + torch.arange(batch, device=device) * k]
+    used = (best != T.PAD).any(0).nonzero()  # drop trailing columns that are PAD for every row
+    return best[:, : int(used.max()) + 1] if used.numel() else best[:, :1]
