@@ -58,7 +58,8 @@ class MaskedRegionKL(nn.Module):
 
 
 class MaskedRegionRegression(nn.Module):
-    """Feature regression: loss(h (..., D), target (..., F), mask=None) -> mean squared error per region."""
+    """Feature regression: loss(h (..., D), target (..., F), mask=None) -> mean squared error (over regions and
+    feature elements, as UNITER's MRFR)."""
 
     def __init__(self, dim: int, feature_dim: int):
         super().__init__()
@@ -69,7 +70,7 @@ class MaskedRegionRegression(nn.Module):
         y = target.reshape(-1, target.shape[-1]) if mask is None else target[mask.bool()]
         if x.shape[0] == 0:
             return h.sum() * 0.0
-        return (self.head(x).float() - y.float()).pow(2).sum(-1).mean()
+        return F.mse_loss(self.head(x).float(), y.float())
 
 
 def roi_align(fmap: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
@@ -93,3 +94,25 @@ def box_geometry(boxes: torch.Tensor) -> torch.Tensor:
     """(..., 4) cxcywh -> (..., 6) (x1, y1, x2, y2, w, h): the box part of OSCAR/VinVL region features."""
     cx, cy, w, h = boxes.unbind(-1)
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, w, h], dim=-1)
+
+
+def cells_in_boxes(boxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, R, gh*gw) bool: grid cells (row-major) whose centre lies inside each normalised cxcywh box; a box that
+    contains no centre gets the cell under its own centre, so every box owns at least one cell."""
+    gh, gw = grid
+    ys = (torch.arange(gh, device=boxes.device, dtype=boxes.dtype) + 0.5) / gh
+    xs = (torch.arange(gw, device=boxes.device, dtype=boxes.dtype) + 0.5) / gw
+    cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+    cx, cy = cx.reshape(-1), cy.reshape(-1)
+    x1, y1, x2, y2 = box_geometry(boxes)[..., :4].unbind(-1)
+    inside = (cx >= x1[..., None]) & (cx <= x2[..., None]) & (cy >= y1[..., None]) & (cy <= y2[..., None])
+    col = (boxes[..., 0] * gw).long().clamp(0, gw - 1)
+    row = (boxes[..., 1] * gh).long().clamp(0, gh - 1)
+    centre = F.one_hot(row * gw + col, gh * gw).bool()
+    return inside | (centre & ~inside.any(-1, keepdim=True))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x (B, N, D) over the True positions of mask (B, ..., N) -> (B, ..., D) (0 where none)."""
+    w = mask.to(x.dtype)
+    return torch.einsum("b...n,bnd->b...d", w, x) / w.sum(-1, keepdim=True).clamp(min=1)
