@@ -13,7 +13,7 @@ from typing import Any
 
 _REGISTRY: dict[str, tuple[Callable[..., Any], Any]] = {}
 # Each model family is one module in this package; importing it registers its configs.
-_FAMILIES: tuple[str, ...] = ("coca", "simvlm", "soho", "xvlm")
+_FAMILIES: tuple[str, ...] = ("coca", "simvlm", "soho", "xvlm", "vilt", "align", "mural", "vinvl", "e2evlp", "kdvlp")
 
 
 def register(name: str, config: Any, builder: Callable[..., Any]) -> None:
