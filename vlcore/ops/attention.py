@@ -44,6 +44,28 @@ dispatch.register(dispatch.Backend(
 ))
 
 
+def _load_triton():
+    from vlcore.kernels import attention as kernels
+
+    return kernels
+
+
+def _triton_supports(problem: dispatch.Problem) -> list[str]:
+    from vlcore.kernels.attention_limits import SUPPORTED_HEAD_DIMS
+
+    dim = problem["head_dim"]
+    if dim not in SUPPORTED_HEAD_DIMS:
+        return [f"head dim {dim} not supported (supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})"]
+    return []
+
+
+dispatch.register(dispatch.Backend(
+    op=OP, name=dispatch.TRITON, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    priority=10, load=_load_triton, requires=dispatch.triton_missing, supports=_triton_supports,
+    interpreter_cpu=True, description="Triton flash attention: masks as parameters, tile skipping, fused rel-pos bias",
+))
+
+
 # ---- registered op -------------------------------------------------------------------------------------
 
 @torch.library.custom_op("vlcore::attention", mutates_args=())

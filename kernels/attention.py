@@ -1,0 +1,539 @@
+r"""Triton fused attention with PrefixLM / causal / padding masks, batch-shared queries and a 2-D relative
+position table — forward and backward (FlashAttention-2: Dao, 2023, arXiv:2307.08691).
+
+Forward, per (batch b, head h, block of query rows), online softmax in fp32 with base-2 exponentials:
+
+    s_ij = scale·q_i·k_j + bias_h(i, j)            (visible pairs only)
+    m_i ← max(m_i, max_j s_ij),   l_i ← l_i·e^{m_old − m_i} + Σ_j e^{s_ij − m_i},   o_i ← o_i·e^{m_old − m_i} + Σ_j e^{s_ij − m_i}·v_j
+    out_i = o_i / l_i,   lse_i = m_i + log l_i      (rows with no visible key: out 0, lse −inf)
+
+Backward recomputes P = exp(S − lse) tile by tile (never Nq×Nk in memory), with Δ_i = rowsum(dO_i ⊙ O_i):
+
+    dV = Pᵀ·dO,   dS = P ⊙ (dO·Vᵀ − Δ),   dK = scale·dSᵀ·Q   (one program per key block, loops over query blocks)
+    dQ = scale·dS·K                                          (one program per query block, loops over key blocks
+                                                              and, for batch-shared queries, over the batch)
+    dtable[r, h] = Σ_b Σ_{index(i,j)=r} dS_bhij             (per key-block partial sums, reduced in a fixed order)
+
+No float atomics anywhere: the backward is bitwise deterministic.
+
+Masks are *parameters*: key j is visible to query i iff j < kv_lens[b] and, with causal/PrefixLM,
+(j < prefix_lens[b] or j <= i + Nk − Nq). From them each program computes the key (or query) range that can be
+visible and loops only over it, in two loops: tiles visible to every row of the block run without any mask
+arithmetic (for PrefixLM the whole prefix block is dense), boundary tiles run with the mask.
+
+Relative position bias (SimVLM; Swin/timm table layout, Liu et al., 2021, arXiv:2103.14030): tokens
+t in [s, s + gh·gw) sit at (y, x) = divmod(t − s, gw); a pair gets table[(y_q − y_k + gh − 1)(2gw − 1) + x_q − x_k +
+gw − 1, h]. The kernels gather it from the (small, cache-resident) table. For dtable, a key-block program skews
+each dS tile so that its diagonals become columns (tl.gather): all pairs on one diagonal i − j = d with the same
+sign of x_q − x_k share one table entry, so a tile reduces to 2·(BLOCK_M + BLOCK_N) sums with distinct table
+rows; they are added to the program's own row of a (programs, table) fp32 buffer, summed afterwards by torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from vlcore.kernels.attention_limits import SUPPORTED_HEAD_DIMS
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _seq_bucket(n: int) -> int:
+    """Autotune key: sequence lengths in power-of-two buckets from 64 to 8192."""
+    return min(max(triton.next_power_of_2(max(n, 1)), 64), 8192)
+
+
+# ---- autotune configs ----------------------------------------------------------------------------------
+# Under the interpreter autotuning is far too slow: one small fixed config (a single config is never benchmarked).
+
+def _configs(shapes, interpret_shape, skew=False):
+    def config(bm, bn, warps, stages):
+        kw = {"BLOCK_M": bm, "BLOCK_N": bn}
+        if skew:  # width of the dtable skew: the tile's BLOCK_M + BLOCK_N − 1 diagonals, rounded up
+            kw["SKEW_W"] = triton.next_power_of_2(bm + bn - 1)
+        return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+    if _INTERPRET:
+        return [config(*interpret_shape, 4, 1)]
+    return [config(*shape) for shape in shapes]
+
+
+# (BLOCK_M, BLOCK_N, warps, stages): H100/H200 favour 128×64/128 tiles with 8 warps and 3–4 stages at D=128;
+# A100 and small head dims favour 128×32/64 with 4 warps; short sequences favour 64-row blocks (more programs).
+_FWD_SHAPES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3),
+               (64, 128, 8, 3), (64, 32, 4, 4), (128, 64, 8, 4)]
+# dK/dV: BLOCK_N keys per program, loops over BLOCK_M query rows.
+_DKDV_SHAPES = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3),
+                (32, 32, 4, 2), (64, 64, 8, 2)]
+# dQ: BLOCK_M rows per program, loops over BLOCK_N keys.
+_DQ_SHAPES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),
+              (64, 128, 8, 2), (32, 32, 4, 2)]
+_KEY = ["D_PAD", "N_BUCKET", "CAUSAL", "HAS_BIAS"]
+_INTERPRET_BLOCKS = (32, 32)
+
+
+# ---- shared device helpers -----------------------------------------------------------------------------
+
+@triton.jit
+def _load2d(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROW_MASK: tl.constexpr):
+    """Load a (rows, D_PAD) tile; masks only what may be out of bounds (padded head dim, tail rows)."""
+    if ROW_MASK:
+        if D_PAD == HEAD_DIM:
+            return tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+        return tl.load(ptrs, mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    if D_PAD == HEAD_DIM:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def _lens(b, NK, PrefixLens, KvLens, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr):
+    """(kv_len, prefix) of sample b: keys < kv_len exist; keys < prefix are visible to every row."""
+    kv_len = NK
+    if HAS_KVLEN:
+        kv_len = tl.load(KvLens + b)
+    prefix = 0
+    if HAS_PREFIX:
+        prefix = tl.load(PrefixLens + b)
+    return kv_len, prefix
+
+
+@triton.jit
+def _key_range(start_m, NQ, NK, kv_len, prefix, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Keys a query block [start_m, start_m + BLOCK_M) may see: tiles below `dense_end` are visible to every
+    row (no mask arithmetic), tiles in [dense_end, hi) are boundary tiles, keys >= hi are never loaded."""
+    hi = kv_len
+    dense = kv_len
+    if CAUSAL:
+        last_row = tl.minimum(start_m + BLOCK_M, NQ) - 1
+        hi = tl.minimum(hi, tl.maximum(last_row + NK - NQ + 1, prefix))
+        dense = tl.minimum(dense, tl.maximum(start_m + NK - NQ + 1, prefix))
+    hi = tl.maximum(hi, 0)
+    dense = tl.maximum(tl.minimum(dense, hi), 0)
+    return (dense // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
+def _visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL: tl.constexpr):
+    vis = (offs_n < kv_len)[None, :]
+    if CAUSAL:
+        vis = vis & ((offs_n[None, :] <= offs_m[:, None] + (NK - NQ)) | (offs_n < prefix)[None, :])
+    return vis
+
+
+@triton.jit
+def _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START):
+    """Bias tile (BLOCK_M, BLOCK_N) in fp32 read from the table (0 outside the grid), Swin/timm index."""
+    tq = offs_m - REL_START
+    tk = offs_n - REL_START
+    in_q = (tq >= 0) & (tq < GH * GW)
+    in_k = (tk >= 0) & (tk < GH * GW)
+    tq = tl.where(in_q, tq, 0)
+    tk = tl.where(in_k, tk, 0)
+    idx = (tq // GW)[:, None] - (tk // GW)[None, :] + (GH - 1)
+    idx = idx * (2 * GW - 1) + (tq % GW)[:, None] - (tk % GW)[None, :] + (GW - 1)
+    mask = in_q[:, None] & in_k[None, :]
+    return tl.load(Table + idx * stride_tr + h * stride_th, mask=mask, other=0.0).to(tl.float32)
+
+
+# ---- forward -------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_tile(q, m_i, l_i, acc, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, NQ, NK,
+              kv_len, prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
+              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+              MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
+    v = _load2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if HAS_BIAS:
+        s += _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START) * 1.4426950408889634
+    if MASKED:
+        s = tl.where(_visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:  # a row with nothing visible yet keeps m = -inf; subtract 0 instead to avoid inf - inf
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, Out, Lse, PrefixLens, KvLens, Table,
+                stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+                stride_ob, stride_on, stride_oh, stride_tr, stride_th,
+                H, NQ, NK, qk_scale, GH, GW, REL_START,
+                N_BUCKET: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    q = _load2d(Q + tl.cast(b, tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                offs_m, NQ, offs_d, HEAD_DIM, D_PAD, True)
+    k_base = K + tl.cast(b, tl.int64) * stride_kb + h * stride_kh
+    v_base = V + tl.cast(b, tl.int64) * stride_vb + h * stride_vh
+    kv_len, prefix = _lens(b, NK, PrefixLens, KvLens, HAS_PREFIX, HAS_KVLEN)
+    dense_end, hi = _key_range(start_m, NQ, NK, kv_len, prefix, CAUSAL, BLOCK_M, BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for start_n in range(0, dense_end, BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                                  NQ, NK, kv_len, prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
+                                  REL_START, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, False, BLOCK_N, DOT_PRECISION)
+    for start_n in range(dense_end, hi, BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                                  NQ, NK, kv_len, prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
+                                  REL_START, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True, BLOCK_N, DOT_PRECISION)
+
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]  # rows that saw nothing have acc = 0: output 0, not NaN
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    row_ok = offs_m < NQ
+    o_ptrs = Out + tl.cast(b, tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(Lse + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=row_ok)
+
+
+# ---- backward ------------------------------------------------------------------------------------------
+
+@triton.jit
+def _delta_kernel(Out, DOut, Delta, stride_ob, stride_on, stride_oh, stride_db, stride_dn, stride_dh, H, NQ,
+                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Δ[b, h, i] = Σ_d dO·O in fp32 (the rowsum(P ⊙ dP) of the softmax backward)."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    o = _load2d(Out + tl.cast(b, tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                offs_m, NQ, offs_d, HEAD_DIM, D_PAD, True)
+    do = _load2d(DOut + tl.cast(b, tl.int64) * stride_db + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :],
+                 offs_m, NQ, offs_d, HEAD_DIM, D_PAD, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * NQ + offs_m, delta, mask=offs_m < NQ)
+
+
+@triton.jit
+def _load_row_stats(Lse, Delta, row_base, offs_m, NQ):
+    """log2-domain lse (+inf for rows that see nothing or lie past NQ, so that P = 0 there) and Δ."""
+    lse = tl.load(Lse + row_base + offs_m, mask=offs_m < NQ, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(Delta + row_base + offs_m, mask=offs_m < NQ, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _dtable_tile(ds, start_m, start_n, offs_m, offs_n, DTab_row, GH, GW, REL_START,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr):
+    """Add Σ of dS over each table entry of this tile to the program's buffer row (no atomics).
+
+    Pairs on a diagonal i − j = d share (y_q − y_k, x_q − x_k) up to the sign of x_q − x_k, so a gather moves
+    the diagonals into columns and two column sums (x_q >= x_k, x_q < x_k) give every entry's contribution.
+    """
+    tq = offs_m - REL_START
+    tk = offs_n - REL_START
+    in_q = (tq >= 0) & (tq < GH * GW)
+    in_k = (tk >= 0) & (tk < GH * GW)
+    ds = tl.where(in_q[:, None] & in_k[None, :], ds, 0.0)
+    offs_e = tl.arange(0, W)  # local diagonal e = i − j + BLOCK_N − 1
+    col = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_N - 1) - offs_e[None, :]  # key column of (row, diagonal)
+    on_tile = (col >= 0) & (col < BLOCK_N)
+    col = tl.where(on_tile, col, 0)
+    skewed = tl.where(on_tile, tl.gather(ds, col, 1), 0.0)
+    right = (tl.where(in_q, tq, 0) % GW)[:, None] >= (tl.maximum(start_n + col - REL_START, 0) % GW)
+    sum_right = tl.sum(tl.where(right, skewed, 0.0), 0)
+    sum_left = tl.sum(tl.where(right, 0.0, skewed), 0)
+    d = start_m - start_n + offs_e - (BLOCK_N - 1)
+    dx = ((d % GW) + GW) % GW  # x_q - x_k for the "right" pairs (>= 0); the "left" pairs have dx - GW
+    dy = (d - dx) // GW
+    ok_right = (dy > -GH) & (dy < GH) & (offs_e < BLOCK_M + BLOCK_N - 1)
+    ok_left = (dx != 0) & (dy + 1 > -GH) & (dy + 1 < GH) & (offs_e < BLOCK_M + BLOCK_N - 1)
+    r_right = (dy + GH - 1) * (2 * GW - 1) + dx + GW - 1
+    r_left = r_right + (2 * GW - 1) - GW  # (dy + 1, dx - GW)
+    tl.debug_barrier()  # the previous tile's read-modify-write of this row is visible to every thread
+    tl.store(DTab_row + r_right, tl.load(DTab_row + r_right, mask=ok_right, other=0.0) + sum_right, mask=ok_right)
+    tl.store(DTab_row + r_left, tl.load(DTab_row + r_left, mask=ok_left, other=0.0) + sum_left, mask=ok_left)
+
+
+@triton.jit
+def _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base, Lse, Delta, offs_n, offs_d,
+               NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START, DTab_row,
+               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+               MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               SKEW_W: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load2d(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, NQ, offs_d, HEAD_DIM, D_PAD, MASKED)
+    do = _load2d(do_base + offs_m[:, None] * stride_dn + offs_d[None, :], offs_m, NQ, offs_d, HEAD_DIM, D_PAD,
+                 MASKED)
+    lse, delta = _load_row_stats(Lse, Delta, row_base, offs_m, NQ)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if HAS_BIAS:
+        s += _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START) * 1.4426950408889634
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        p = tl.where(_visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL), p, 0.0)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        _dtable_tile(ds, start_m, start_n, offs_m, offs_n, DTab_row, GH, GW, REL_START, BLOCK_M, BLOCK_N, SKEW_W)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, DTab,
+                 stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+                 stride_db, stride_dn, stride_dh, stride_dkb, stride_dkn, stride_dkh,
+                 stride_dvb, stride_dvn, stride_dvh, stride_tr, stride_th,
+                 H, NQ, NK, qk_scale, scale, GH, GW, REL_START, TABLE_SIZE,
+                 N_BUCKET: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKEW_W: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    k = _load2d(K + tl.cast(b, tl.int64) * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                offs_n, NK, offs_d, HEAD_DIM, D_PAD, True)
+    v = _load2d(V + tl.cast(b, tl.int64) * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                offs_n, NK, offs_d, HEAD_DIM, D_PAD, True)
+    q_base = Q + tl.cast(b, tl.int64) * stride_qb + h * stride_qh
+    do_base = DOut + tl.cast(b, tl.int64) * stride_db + h * stride_dh
+    row_base = pid_bh.to(tl.int64) * NQ
+    DTab_row = DTab + (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_n) * TABLE_SIZE
+    if HAS_BIAS:  # this program owns its buffer row: zero it (autotuning reruns the kernel)
+        for t0 in range(0, TABLE_SIZE, BLOCK_N):
+            offs_t = t0 + tl.arange(0, BLOCK_N)
+            tl.store(DTab_row + offs_t, tl.zeros([BLOCK_N], tl.float32), mask=offs_t < TABLE_SIZE)
+
+    # Query rows that may see this key block: [lo, dense_lo) boundary, [dense_lo, full_end) dense, tail boundary.
+    kv_len, prefix = _lens(b, NK, PrefixLens, KvLens, HAS_PREFIX, HAS_KVLEN)
+    n_blocks_q = tl.cdiv(NQ, BLOCK_M) * BLOCK_M
+    lo = start_n * 0
+    dense_lo = start_n * 0
+    if CAUSAL:
+        if start_n >= prefix:
+            lo = tl.maximum(start_n - (NK - NQ), 0)
+        last_key = tl.minimum(start_n + BLOCK_N, NK) - 1
+        if last_key >= prefix:
+            dense_lo = tl.maximum(last_key - (NK - NQ), 0)
+    if start_n + BLOCK_N > kv_len:  # the block holds padding (or lies past NK): every tile needs the mask
+        dense_lo = n_blocks_q
+    if start_n >= kv_len:  # nothing visible: dK = dV = 0
+        lo = n_blocks_q
+    lo = (lo // BLOCK_M) * BLOCK_M
+    dense_lo = tl.maximum(tl.cdiv(dense_lo, BLOCK_M) * BLOCK_M, lo)
+    full_end = (NQ // BLOCK_M) * BLOCK_M
+
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    for start_m in range(lo, tl.minimum(dense_lo, NQ), BLOCK_M):
+        dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base, Lse, Delta,
+                            offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
+                            REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True, BLOCK_M, BLOCK_N,
+                            DOT_PRECISION, SKEW_W)
+    for start_m in range(dense_lo, full_end, BLOCK_M):
+        dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base, Lse, Delta,
+                            offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
+                            REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, False, BLOCK_M, BLOCK_N,
+                            DOT_PRECISION, SKEW_W)
+    for start_m in range(tl.maximum(dense_lo, full_end), NQ, BLOCK_M):
+        dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base, Lse, Delta,
+                            offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
+                            REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True, BLOCK_M, BLOCK_N,
+                            DOT_PRECISION, SKEW_W)
+
+    mask = (offs_n < NK)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    dk_ptrs = DK + tl.cast(b, tl.int64) * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    dv_ptrs = DV + tl.cast(b, tl.int64) * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dq_tile(q, do, lse, delta, dq, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, NQ, NK, kv_len,
+             prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
+             HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+             MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
+    v = _load2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if HAS_BIAS:
+        s += _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START) * 1.4426950408889634
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        p = tl.where(_visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL), p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, PrefixLens, KvLens, Table,
+               stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+               stride_db, stride_dn, stride_dh, stride_dqb, stride_dqn, stride_dqh, stride_tr, stride_th,
+               H, NQ, NK, BATCH_PER_PROGRAM, qk_scale, scale, GH, GW, REL_START,
+               N_BUCKET: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (query block, q batch, head); shared queries (BATCH_PER_PROGRAM = B) sum the batch in
+    a fixed order in registers."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bq = pid_bh // H
+    h = pid_bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    q = _load2d(Q + bq.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                offs_m, NQ, offs_d, HEAD_DIM, D_PAD, True)
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for b in range(bq * BATCH_PER_PROGRAM, (bq + 1) * BATCH_PER_PROGRAM):
+        do = _load2d(DOut + tl.cast(b, tl.int64) * stride_db + h * stride_dh + offs_m[:, None] * stride_dn
+                     + offs_d[None, :], offs_m, NQ, offs_d, HEAD_DIM, D_PAD, True)
+        lse, delta = _load_row_stats(Lse, Delta, tl.cast(b * H + h, tl.int64) * NQ, offs_m, NQ)
+        k_base = K + tl.cast(b, tl.int64) * stride_kb + h * stride_kh
+        v_base = V + tl.cast(b, tl.int64) * stride_vb + h * stride_vh
+        kv_len, prefix = _lens(b, NK, PrefixLens, KvLens, HAS_PREFIX, HAS_KVLEN)
+        dense_end, hi = _key_range(start_m, NQ, NK, kv_len, prefix, CAUSAL, BLOCK_M, BLOCK_N)
+        for start_n in range(0, dense_end, BLOCK_N):
+            dq = _dq_tile(q, do, lse, delta, dq, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, NQ,
+                          NK, kv_len, prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
+                          HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, False, BLOCK_N, DOT_PRECISION)
+        for start_n in range(dense_end, hi, BLOCK_N):
+            dq = _dq_tile(q, do, lse, delta, dq, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, NQ,
+                          NK, kv_len, prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
+                          HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True, BLOCK_N, DOT_PRECISION)
+    dq_ptrs = DQ + bq.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < NQ)[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+# ---- autotuned entry points (built lazily: the interpreter decision is read at import) -----------------
+
+@functools.cache
+def _tuned():
+    fwd = triton.autotune(_configs(_FWD_SHAPES, _INTERPRET_BLOCKS), key=_KEY)(_fwd_kernel)
+    dkdv = triton.autotune(_configs(_DKDV_SHAPES, _INTERPRET_BLOCKS, skew=True), key=_KEY)(_dkdv_kernel)
+    dq = triton.autotune(_configs(_DQ_SHAPES, _INTERPRET_BLOCKS), key=_KEY)(_dq_kernel)
+    return fwd, dkdv, dq
+
+
+# ---- launchers -----------------------------------------------------------------------------------------
+
+def _common(q, k, prefix_lens, kv_lens, causal, table, grid, start):
+    batch, nk, heads, dim = k.shape
+    d_pad = max(16, triton.next_power_of_2(dim))
+    lens = lambda t: t.to(torch.int32) if t is not None else torch.empty(0, dtype=torch.int32, device=k.device)
+    has_bias = table is not None
+    gh, gw = grid if has_bias else (1, 1)
+    meta = dict(N_BUCKET=_seq_bucket(max(q.shape[1], nk)), HEAD_DIM=dim, D_PAD=d_pad,
+                CAUSAL=bool(causal or prefix_lens is not None), HAS_PREFIX=prefix_lens is not None,
+                HAS_KVLEN=kv_lens is not None, HAS_BIAS=has_bias,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    tab = table if has_bias else k.new_empty(0)
+    tab_strides = (table.stride(0), table.stride(1)) if has_bias else (0, 0)
+    return meta, lens(prefix_lens), lens(kv_lens), tab, tab_strides, (gh, gw, int(start))
+
+
+def _q_strides(q, batch):
+    """q of batch 1 with k/v of batch B is one query set shared by the batch: batch stride 0."""
+    return (0 if q.shape[0] != batch else q.stride(0)), q.stride(1), q.stride(2)
+
+
+def attention_fwd(q, k, v, causal=False, prefix_lens=None, kv_lens=None, table=None, grid=None, start=0, scale=None):
+    """(out (B, Nq, H, D) in q's dtype, lse (B, H, Nq) fp32, natural log; -inf for rows that see no key)."""
+    batch, nk, heads, dim = k.shape
+    nq = q.shape[1]
+    scale = dim ** -0.5 if scale is None else scale
+    meta, plens, klens, tab, tstr, (gh, gw, s) = _common(q, k, prefix_lens, kv_lens, causal, table, grid, start)
+    out = torch.empty((batch, nq, heads, dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
+    fwd, _, _ = _tuned()
+    launch = lambda m: (triton.cdiv(nq, m["BLOCK_M"]), batch * heads)
+    fwd[launch](q, k, v, out, lse, plens, klens, tab, *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3],
+                *out.stride()[:3], *tstr, heads, nq, nk, scale * LOG2E, gh, gw, s, **meta)
+    return out, lse
+
+
+def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_lens=None, table=None, grid=None,
+                  start=0, scale=None):
+    """(dq, dk, dv, dtable or None); dq is summed over the batch when q is shared (batch 1)."""
+    batch, nk, heads, dim = k.shape
+    nq = q.shape[1]
+    scale = dim ** -0.5 if scale is None else scale
+    meta, plens, klens, tab, tstr, (gh, gw, s) = _common(q, k, prefix_lens, kv_lens, causal, table, grid, start)
+    delta = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
+    d_blk = 64 if not _INTERPRET else 32
+    _delta_kernel[(triton.cdiv(nq, d_blk), batch * heads)](
+        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, nq, HEAD_DIM=dim, D_PAD=meta["D_PAD"],
+        BLOCK_M=d_blk)
+
+    _, dkdv_kernel, dq_kernel = _tuned()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    table_size = table.shape[0] if table is not None else 0
+    # (programs, table) partial sums of dtable; the largest key-block count any config can launch
+    max_key_blocks = triton.cdiv(nk, min(c.kwargs["BLOCK_N"] for c in dkdv_kernel.configs))
+    dtab = torch.zeros((batch * heads * max_key_blocks, table_size) if table is not None else (0,),
+                       dtype=torch.float32, device=q.device)
+    used_blocks = {}
+
+    def dkdv_grid(m):
+        used_blocks["n"] = triton.cdiv(nk, m["BLOCK_N"])
+        return (used_blocks["n"], batch * heads)
+
+    dkdv_kernel[dkdv_grid](q, k, v, dout, lse, delta, dk, dv, plens, klens, tab, dtab,
+                           *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
+                           *dk.stride()[:3], *dv.stride()[:3], *tstr, heads, nq, nk, scale * LOG2E, scale,
+                           gh, gw, s, table_size, **meta)
+    shared = q.shape[0] != batch
+    dq_kernel[lambda m: (triton.cdiv(nq, m["BLOCK_M"]), q.shape[0] * heads)](
+        q, k, v, dout, lse, delta, dq, plens, klens, tab, *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3],
+        *dout.stride()[:3], *dq.stride()[:3], *tstr, heads, nq, nk, batch if shared else 1, scale * LOG2E, scale,
+        gh, gw, s, **meta)
+    dtable = None
+    if table is not None:
+        n_used = used_blocks["n"]
+        parts = dtab[: batch * heads * n_used].view(batch, heads, n_used, table_size)
+        dtable = parts.sum(dim=(0, 2)).t().to(table.dtype)  # fixed-order reduction: deterministic
+    return dq, dk, dv, dtable
+
+
+# ---- backend object for vlcore.ops.attention -----------------------------------------------------------
+
+def forward(q, k, v, causal, prefix_lens, kv_lens, table, grid, start, scale):
+    return attention_fwd(q, k, v, causal, prefix_lens, kv_lens, table, grid, start, scale)
+
+
+def backward(dout, q, k, v, out, lse, causal, prefix_lens, kv_lens, table, grid, start, scale):
+    return attention_bwd(dout, q, k, v, out, lse, causal, prefix_lens, kv_lens, table, grid, start, scale)
+
+
+__all__ = ["attention_fwd", "attention_bwd", "forward", "backward", "SUPPORTED_HEAD_DIMS"]
