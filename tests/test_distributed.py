@@ -100,9 +100,9 @@ def _loss_and_grads(img, txt, kind, backend=None):
             "dbias": None if bias is None else bias.grad}
 
 
-def _contrastive_worker(rank, world, backend):
+def _contrastive_worker(rank, world, backend, cases=CASES):
     results = []
-    for kind, sizes in CASES:
+    for kind, sizes in cases:
         img, txt = _global_batch(sum(sizes))
         start = sum(sizes[:rank])
         res = _loss_and_grads(img[start:start + sizes[rank]], txt[start:start + sizes[rank]], kind, backend)
@@ -113,9 +113,9 @@ def _contrastive_worker(rank, world, backend):
     return results
 
 
-def _check_against_single_process(results, backend=None, tol=1e-6):
+def _check_against_single_process(results, backend=None, tol=1e-6, cases=CASES):
     world = len(results)
-    for case, (kind, sizes) in enumerate(CASES):
+    for case, (kind, sizes) in enumerate(cases):
         img, txt = _global_batch(sum(sizes))
         truth = _loss_and_grads(img, txt, kind, "reference")
         _, truth_acc = ContrastiveLoss(kind)(img, txt, return_accuracy=True)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from vlcore import _ext, dispatch
 from vlcore import _validate as V
-from vlcore import dispatch
 from vlcore import distributed as vdist
 from vlcore.reference import contrastive as ref
 
@@ -40,6 +40,76 @@ dispatch.register(dispatch.Backend(
 ))
 
 
+class _TritonBackend:
+    @staticmethod
+    def forward(x, y, scale, bias, offset, kind):
+        from vlcore.kernels import contrastive as kernels
+
+        return kernels.contrastive_fwd(x, y, scale, bias, offset, kind)
+
+    @staticmethod
+    def backward(drow, x, y, scale, bias, lse, offset, kind):
+        from vlcore.kernels import contrastive as kernels
+
+        return kernels.contrastive_bwd(drow, x, y, scale, bias, lse, offset, kind)
+
+
+dispatch.register(dispatch.Backend(
+    op=OP, name=dispatch.TRITON, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    priority=20, load=_TritonBackend, requires=dispatch.triton_missing, interpreter_cpu=True,
+    description="Triton tiles (local rows x gathered columns), online log-sum-exp, no b x B buffer",
+))
+
+
+class _CudaBackend:
+    """csrc/contrastive.cu through vlcore._C: raw pointers, strides, dtype code and the current stream."""
+
+    @staticmethod
+    def _scalars(scale, bias):
+        s32 = scale.detach().reshape(()).float().contiguous()  # fp32 device scalars, read by the kernels
+        return s32, (s32 if bias is None else bias.detach().reshape(()).float().contiguous())
+
+    @staticmethod
+    def forward(x, y, scale, bias, offset, kind):
+        siglip = kind == "siglip"
+        rows = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        lse = torch.empty(0 if siglip else x.shape[0], dtype=torch.float32, device=x.device)
+        s32, b32 = _CudaBackend._scalars(scale, bias)
+        _ext.extension().contrastive_fwd(
+            x.data_ptr(), y.data_ptr(), s32.data_ptr(), b32.data_ptr(), rows.data_ptr(),
+            (rows if siglip else lse).data_ptr(), x.shape[0], y.shape[0], x.shape[1], int(offset), x.stride(0),
+            x.stride(1), y.stride(0), y.stride(1), _ext.dtype_code(x), siglip, _ext.stream_handle(x.device))
+        return rows, lse
+
+    @staticmethod
+    def backward(drow, x, y, scale, bias, lse, offset, kind):
+        siglip = kind == "siglip"
+        drow = drow.float().contiguous()
+        dx, dy = torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+            y, memory_format=torch.contiguous_format)
+        row_blocks = -(-x.shape[0] // _CUDA_ROW_TILE)
+        partial = torch.empty(2 * row_blocks, dtype=torch.float32, device=x.device)
+        s32, b32 = _CudaBackend._scalars(scale, bias)
+        _ext.extension().contrastive_bwd(
+            drow.data_ptr(), x.data_ptr(), y.data_ptr(), s32.data_ptr(), b32.data_ptr(),
+            (drow if siglip else lse).data_ptr(), dx.data_ptr(), dy.data_ptr(), partial.data_ptr(), x.shape[0],
+            y.shape[0], x.shape[1], int(offset), x.stride(0), x.stride(1), y.stride(0), y.stride(1), dx.stride(0),
+            dy.stride(0), _ext.dtype_code(x), siglip, _ext.stream_handle(x.device))
+        sums = partial.view(2, row_blocks).sum(dim=1)  # fixed-order reduction of the per-block partials
+        return dx, dy, sums[0], (sums[1] if siglip and bias is not None else None)
+
+
+_CUDA_ROW_TILE = 32  # kTile in csrc/contrastive.cu
+
+# Priority below triton until a GPU benchmark (benchmarks/bench_contrastive.py) says otherwise: the CUDA kernels
+# use fp32 FMA tiles (no tensor cores), so the Triton kernels are expected to be faster on fp16/bf16 inputs.
+dispatch.register(dispatch.Backend(
+    op=OP, name=dispatch.CUDA, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    priority=10, load=_CudaBackend, requires=lambda: dispatch.cuda_ext_missing("contrastive_fwd"),
+    description="CUDA (csrc/contrastive.cu): 32x32 shared-memory tiles, fp32 math, no b x B buffer",
+))
+
+
 # ---- registered op -------------------------------------------------------------------------------------
 
 @torch.library.custom_op("vlcore::contrastive_rows", mutates_args=())
@@ -60,9 +130,10 @@ def _rows_backward_op(drow: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scal
                       bias: torch.Tensor | None, lse: torch.Tensor, offset: int, kind: str,
                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dx, dy, dscale, dbias = dispatch.get(OP, backend).impl().backward(drow, x, y, scale, bias, lse, offset, kind)
-    dscale = dscale.to(scale.dtype).reshape(scale.shape)
+    # fresh tensors (backends may return views of one partial-sum buffer; op outputs must not alias)
+    dscale = dscale.to(scale.dtype).reshape(scale.shape).clone()
     # custom ops return tensors: an empty one stands for "no bias"
-    dbias = scale.new_empty(0) if bias is None else dbias.to(bias.dtype).reshape(bias.shape)
+    dbias = scale.new_empty(0) if bias is None else dbias.to(bias.dtype).reshape(bias.shape).clone()
     return dx, dy, dscale, dbias
 
 

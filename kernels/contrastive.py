@@ -1,0 +1,231 @@
+r"""Triton contrastive losses (InfoNCE of CLIP/ALIGN, SigLIP's sigmoid loss) over tiles of local rows × gathered
+columns, forward and backward, linear memory (in the spirit of Inf-CL: Cheng et al., 2024, arXiv:2410.17243;
+FlashAttention's recomputation: Dao, 2023).
+
+One op (see :mod:`vlcore.reference.contrastive`): rows x (b, D) against columns y (B, D), positive column of row i
+at ``offset + i``; logits l_ij = s·x_i·y_j (+ bias), computed per (BLOCK_M × BLOCK_N) tile with fp32 accumulation
+over D (masked tail, any D):
+
+    InfoNCE:  r_i = lse_i − l_{i,offset+i},   lse_i by an online log-sum-exp over the column tiles
+    SigLIP:   r_i = Σ_j softplus(−z_ij·l_ij)   (z = +1 on the positive, −1 elsewhere; log1p done exactly)
+
+Backward, upstream drow (b,), recomputing the logits tile by tile (nothing of size b×B is ever stored):
+
+    G_ij = drow_i·(exp(l_ij − lse_i) − [j = offset+i])          (InfoNCE)
+    G_ij = −drow_i·z_ij·σ(−z_ij·l_ij)                           (SigLIP)
+    dx = s·G·y   (one program per (row block, D chunk), loops over column tiles)
+    dy = s·Gᵀ·x  (one program per (column block, D chunk), loops over row tiles) — every gathered column
+    dscale = Σ G ⊙ (x·yᵀ),  dbias = Σ G   (per-row-block partial sums, reduced afterwards by torch)
+
+No float atomics: the results are bitwise deterministic. fp16/bf16 logits use the tensor cores with fp32
+accumulation; fp32 inputs use IEEE fp32 products (as torch's default matmul). The gradient matmuls take G in
+fp32 (TF32 products for fp16/bf16 inputs: a 16-bit G would underflow — its entries are ~1/B — and lose precision).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _dots_tile(x_ptr, y_ptr, rows, cols, n_rows, n_cols, dim, sx0, sx1, sy0, sy1,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """x[rows]·y[cols]ᵀ as a (BLOCK_M, BLOCK_N) fp32 tile; rows/cols beyond the ends read zeros."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, dim, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + rows[:, None] * sx0 + ks[None, :] * sx1,
+                     mask=(rows[:, None] < n_rows) & (ks[None, :] < dim), other=0.0)
+        yt = tl.load(y_ptr + cols[None, :] * sy0 + ks[:, None] * sy1,
+                     mask=(cols[None, :] < n_cols) & (ks[:, None] < dim), other=0.0)
+        acc = tl.dot(xt, yt, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _log1p_small(e):
+    """log(1 + e) for e in [0, 1], exact to fp32 rounding (Goldberg's trick; 1 + e alone loses tiny e)."""
+    u = 1.0 + e
+    return tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _grad_tile(dots, s, bias, lse, drow, rows, cols, n_rows, n_cols, offset, SIGLIP: tl.constexpr):
+    """G_ij (see the module docstring) for one tile, 0 outside the matrix."""
+    logits = dots * s
+    is_pos = cols[None, :] == (rows[:, None] + offset)
+    if SIGLIP:
+        zt = tl.where(is_pos, logits + bias, -(logits + bias))
+        e = tl.exp(-tl.abs(zt))
+        sig = tl.where(zt >= 0, e / (1.0 + e), 1.0 / (1.0 + e))  # σ(−z·l), stable on both sides
+        g = tl.where(is_pos, -sig, sig)
+    else:
+        g = tl.exp(logits - lse[:, None]) - tl.where(is_pos, 1.0, 0.0)
+    valid = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.where(valid, g * drow[:, None], 0.0)
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, rows_out_ptr, lse_out_ptr, n_rows, n_cols, dim, offset,
+                sx0, sx1, sy0, sy1, SIGLIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    s = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32) if SIGLIP else 0.0
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    denom = tl.zeros((BLOCK_M,), tl.float32)
+    pos = tl.zeros((BLOCK_M,), tl.float32)
+    total = tl.zeros((BLOCK_M,), tl.float32)
+    for n0 in range(0, n_cols, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        logits = _dots_tile(x_ptr, y_ptr, rows, cols, n_rows, n_cols, dim, sx0, sx1, sy0, sy1,
+                            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) * s
+        valid = cols[None, :] < n_cols
+        is_pos = cols[None, :] == (rows[:, None] + offset)
+        if SIGLIP:
+            zt = tl.where(is_pos, logits + bias, -(logits + bias))
+            term = tl.maximum(-zt, 0.0) + _log1p_small(tl.exp(-tl.abs(zt)))  # softplus(−z·l)
+            total += tl.sum(tl.where(valid, term, 0.0), axis=1)
+        else:
+            masked = tl.where(valid, logits, float("-inf"))
+            m_new = tl.maximum(m, tl.max(masked, axis=1))
+            denom = denom * tl.exp(m - m_new) + tl.sum(tl.exp(masked - m_new[:, None]), axis=1)
+            m = m_new
+            pos += tl.sum(tl.where(is_pos & valid, logits, 0.0), axis=1)
+    in_range = rows < n_rows
+    if SIGLIP:
+        tl.store(rows_out_ptr + rows, total, mask=in_range)
+    else:
+        lse = m + tl.log(denom)
+        tl.store(lse_out_ptr + rows, lse, mask=in_range)
+        tl.store(rows_out_ptr + rows, lse - pos, mask=in_range)
+
+
+@triton.jit
+def _bwd_dx_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, lse_ptr, drow_ptr, dx_ptr, partial_ptr, n_rows, n_cols,
+                   dim, offset, sx0, sx1, sy0, sy1, sdx0, n_row_blocks, SIGLIP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr):
+    pid_m, pid_d = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    s = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32) if SIGLIP else 0.0
+    in_range = rows < n_rows
+    drow = tl.load(drow_ptr + rows, mask=in_range, other=0.0).to(tl.float32)
+    lse = tl.zeros((BLOCK_M,), tl.float32) if SIGLIP else tl.load(lse_ptr + rows, mask=in_range, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    dscale = tl.zeros((BLOCK_M,), tl.float32)
+    dbias = tl.zeros((BLOCK_M,), tl.float32)
+    for n0 in range(0, n_cols, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        dots = _dots_tile(x_ptr, y_ptr, rows, cols, n_rows, n_cols, dim, sx0, sx1, sy0, sy1,
+                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        g = _grad_tile(dots, s, bias, lse, drow, rows, cols, n_rows, n_cols, offset, SIGLIP)
+        yt = tl.load(y_ptr + cols[:, None] * sy0 + ds[None, :] * sy1,
+                     mask=(cols[:, None] < n_cols) & (ds[None, :] < dim), other=0.0).to(tl.float32)
+        acc = tl.dot(g, yt, acc, input_precision=GRAD_PRECISION)
+        dscale += tl.sum(g * dots, axis=1)
+        dbias += tl.sum(g, axis=1)
+    tl.store(dx_ptr + rows[:, None] * sdx0 + ds[None, :], (acc * s).to(dx_ptr.dtype.element_ty),
+             mask=in_range[:, None] & (ds[None, :] < dim))
+    if pid_d == 0:  # one partial per row block, summed in a fixed order afterwards
+        tl.store(partial_ptr + pid_m, tl.sum(dscale, axis=0))
+        tl.store(partial_ptr + n_row_blocks + pid_m, tl.sum(dbias, axis=0))
+
+
+@triton.jit
+def _bwd_dy_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, lse_ptr, drow_ptr, dy_ptr, n_rows, n_cols, dim, offset,
+                   sx0, sx1, sy0, sy1, sdy0, SIGLIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                   GRAD_PRECISION: tl.constexpr):
+    pid_n, pid_d = tl.program_id(0), tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    s = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32) if SIGLIP else 0.0
+    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for m0 in range(0, n_rows, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        in_range = rows < n_rows
+        drow = tl.load(drow_ptr + rows, mask=in_range, other=0.0).to(tl.float32)
+        lse = tl.zeros((BLOCK_M,), tl.float32) if SIGLIP else tl.load(lse_ptr + rows, mask=in_range, other=0.0)
+        dots = _dots_tile(x_ptr, y_ptr, rows, cols, n_rows, n_cols, dim, sx0, sx1, sy0, sy1,
+                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        g = _grad_tile(dots, s, bias, lse, drow, rows, cols, n_rows, n_cols, offset, SIGLIP)
+        xt = tl.load(x_ptr + rows[:, None] * sx0 + ds[None, :] * sx1,
+                     mask=in_range[:, None] & (ds[None, :] < dim), other=0.0).to(tl.float32)
+        acc = tl.dot(tl.trans(g), xt, acc, input_precision=GRAD_PRECISION)
+    tl.store(dy_ptr + cols[:, None] * sdy0 + ds[None, :], (acc * s).to(dy_ptr.dtype.element_ty),
+             mask=(cols[:, None] < n_cols) & (ds[None, :] < dim))
+
+
+# ---- launchers -----------------------------------------------------------------------------------------
+
+def _blocks(dim: int) -> dict:
+    """Tile sizes (tensor-core sized; the interpreter's cost is per program and op, so it wants them large too).
+    The gradient accumulator holds BLOCK_D columns of D; larger D is split over programs that recompute the
+    logits (BLOCK_D is smaller under the interpreter so that the tests cover the split)."""
+    block_d = min(triton.next_power_of_2(max(dim, 16)), 128 if _INTERPRET else 256)
+    block_k = min(triton.next_power_of_2(max(dim, 16)), 64)
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": block_k, "BLOCK_D": block_d}
+
+
+def _precisions(dtype: torch.dtype) -> tuple[str, str]:
+    return ("ieee", "ieee") if dtype == torch.float32 else ("ieee", "tf32")
+
+
+def _bias_arg(scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return scale if bias is None else bias  # never read for InfoNCE: any valid pointer
+
+
+def contrastive_fwd(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, offset: int,
+                    kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (b,) fp32, lse (b,) fp32 for infonce / (0,) for siglip). x: (b, D), y: (B, D), scale/bias 0-dim."""
+    n_rows, dim = x.shape
+    n_cols = y.shape[0]
+    siglip = kind == "siglip"
+    rows = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    lse = torch.empty(0 if siglip else n_rows, dtype=torch.float32, device=x.device)
+    cfg = _blocks(dim)
+    precision, _ = _precisions(x.dtype)
+    grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]),)
+    _fwd_kernel[grid](x, y, scale, _bias_arg(scale, bias), rows, lse if not siglip else rows, n_rows, n_cols, dim,
+                      offset, x.stride(0), x.stride(1), y.stride(0), y.stride(1), SIGLIP=siglip,
+                      BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PRECISION=precision,
+                      num_warps=4, num_stages=1 if _INTERPRET else 3)
+    return rows, lse
+
+
+def contrastive_bwd(drow: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+                    bias: torch.Tensor | None, lse: torch.Tensor, offset: int, kind: str):
+    """(dx (b, D), dy (B, D), dscale 0-dim fp32, dbias 0-dim fp32 or None) for upstream drow (b,)."""
+    n_rows, dim = x.shape
+    n_cols = y.shape[0]
+    siglip = kind == "siglip"
+    drow = drow.contiguous()
+    dx = torch.empty((n_rows, dim), dtype=x.dtype, device=x.device)
+    dy = torch.empty((n_cols, dim), dtype=y.dtype, device=y.device)
+    cfg = _blocks(dim)
+    precision, grad_precision = _precisions(x.dtype)
+    row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
+    d_blocks = triton.cdiv(dim, cfg["BLOCK_D"])
+    partial = torch.empty(2 * row_blocks, dtype=torch.float32, device=x.device)
+    lse_arg = drow if siglip else lse
+    common = dict(SIGLIP=siglip, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                  BLOCK_D=cfg["BLOCK_D"], PRECISION=precision, GRAD_PRECISION=grad_precision,
+                  num_warps=4 if _INTERPRET else 8, num_stages=1 if _INTERPRET else 2)
+    _bwd_dx_kernel[(row_blocks, d_blocks)](
+        x, y, scale, _bias_arg(scale, bias), lse_arg, drow, dx, partial, n_rows, n_cols, dim, offset,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), dx.stride(0), row_blocks, **common)
+    _bwd_dy_kernel[(triton.cdiv(n_cols, cfg["BLOCK_N"]), d_blocks)](
+        x, y, scale, _bias_arg(scale, bias), lse_arg, drow, dy, n_rows, n_cols, dim, offset,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), dy.stride(0), **common)
+    sums = partial.view(2, row_blocks).sum(dim=1)
+    return dx, dy, sums[0], (sums[1] if siglip and bias is not None else None)
