@@ -6,6 +6,7 @@
 namespace py = pybind11;
 
 void bind_contrastive(py::module_& m);  // csrc/contrastive_bind.cpp
+void bind_vq(py::module_& m);  // csrc/vq_bind.cpp
 
 #ifndef VLCORE_BUILD_CUDA_VERSION
 #define VLCORE_BUILD_CUDA_VERSION "unknown"
@@ -57,4 +58,5 @@ PYBIND11_MODULE(_C, m) {
 
   // Op families register their kernels here as they land (see csrc/<op>.cu).
   bind_contrastive(m);
+  bind_vq(m);
 }

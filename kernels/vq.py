@@ -30,7 +30,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -144,24 +143,13 @@ def _nearest_config(dot_dtype: torch.dtype, dim: int) -> dict:
     return dict(BLOCK_N=128, BLOCK_K=128, BLOCK_D=64 if dim >= 64 else 32, num_warps=8, num_stages=3)
 
 
-def prepare_codebook(codebook: torch.Tensor, x_dtype: torch.dtype, distance: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codebook operand for the dot, ||e||^2 fp32): once per call, K x D work."""
-    if distance == "cosine" or x_dtype == torch.float32:
-        e = codebook.detach().to(x_dtype).float()
-        if distance == "cosine":
-            e = F.normalize(e, dim=1, eps=ref.NORMALIZE_EPS)
-        return e.contiguous(), (e * e).sum(1)
-    e = codebook.detach().to(x_dtype).contiguous()
-    return e, e.float().pow(2).sum(1)
-
-
 def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, distance: str = "l2") -> tuple[torch.Tensor, torch.Tensor]:
     """x (N, D) fp16/bf16/fp32, codebook (K, D) -> (indices int64 [N], squared distances fp32 [N])."""
     x = x.detach()
     if x.stride(-1) != 1:
         x = x.contiguous()
     n, dim = x.shape
-    e, e_sq = prepare_codebook(codebook, x.dtype, distance)
+    e, e_sq = ref.dot_operands(codebook, x.dtype, distance)
     idx = torch.empty(n, dtype=torch.int64, device=x.device)
     dist = torch.empty(n, dtype=torch.float32, device=x.device)
     if n == 0:
@@ -174,16 +162,6 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, distance: str = "l2") ->
     return idx, dist
 
 
-def sorted_segments(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sorted entry ids, rows in that order (stable), offsets [K + 1]): entry j owns rows
-    order[offsets[j]:offsets[j+1]]. O(N + K) memory."""
-    idx = indices.reshape(-1).long()
-    sorted_idx, order = torch.sort(idx, stable=True)
-    offsets = torch.zeros(num_codes + 1, dtype=torch.int64, device=idx.device)
-    torch.cumsum(torch.bincount(idx, minlength=num_codes), 0, out=offsets[1:])
-    return sorted_idx, order, offsets
-
-
 def vq_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> torch.Tensor:
     """Packed fp32 (K, D + 1) statistics: [:, :D] per-entry sums of x, [:, D] counts. Deterministic."""
     x = x.detach()
@@ -191,7 +169,7 @@ def vq_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> tor
         x = x.contiguous()
     dim = x.shape[1]
     out = torch.empty(num_codes, dim + 1, dtype=torch.float32, device=x.device)
-    sorted_idx, order, offsets = sorted_segments(indices, num_codes)
+    sorted_idx, order, offsets = ref.sorted_segments(indices, num_codes)
     block_d = min(128, triton.next_power_of_2(max(dim, 16)))
     block_j, block_r = (32, 32) if _INTERPRET else (16, 64)
     grid = (triton.cdiv(num_codes, block_j), triton.cdiv(dim, block_d))
@@ -208,8 +186,7 @@ def ema_update(codebook: torch.Tensor, ema_counts: torch.Tensor, ema_sums: torch
             raise ValueError(f"vq ema_update: `{name}` must be contiguous fp32 state; got {t.dtype}, {t.stride()}")
     k, dim = codebook.shape
     packed = packed.float()
-    ema_counts.mul_(gamma).add_(torch.mul(packed[:, dim], 1.0 - gamma))  # the reference's exact ops
-    total = ema_counts.sum().reshape(1)
+    total = ref.ema_counts_step(ema_counts, packed[:, dim], gamma)
     block_k, block_d = 32, min(128, triton.next_power_of_2(max(dim, 16)))
     grid = (triton.cdiv(k, block_k), triton.cdiv(dim, block_d))
     _ema_kernel[grid](codebook, ema_counts, ema_sums, packed, total, k, dim, packed.stride(0), float(gamma),

@@ -212,3 +212,13 @@ def test_gpu_no_n_by_k_and_module(backend):
     vd(x)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < n * k * 4 // 4
+
+
+def test_cuda_backend_runs_or_refuses_with_reason():
+    x, cb = torch.randn(4, 8, device=DEV), torch.randn(3, 8, device=DEV)
+    why = dispatch.get("vq", "cuda").environment_refusal()
+    if why is None:
+        check_nearest(x, cb, "l2", "cuda")
+        return
+    with pytest.raises(dispatch.BackendError, match="backend 'cuda' cannot run"):
+        vlcore.vq_nearest(x, cb, backend="cuda")

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from vlcore import _ext, dispatch
 from vlcore import _validate as V
-from vlcore import dispatch
 from vlcore.reference import vq as ref
 
 OP = "vq"
@@ -54,16 +54,52 @@ dispatch.register(dispatch.Backend(
 ))
 
 
+class _CudaBackend:
+    """csrc/vq.cu through vlcore._C: raw pointers, strides, dtype codes and the current stream."""
+
+    @staticmethod
+    def nearest(x, codebook, distance):
+        x = x.detach() if x.stride(-1) == 1 else x.detach().contiguous()
+        n, dim = x.shape
+        e, e_sq = ref.dot_operands(codebook, x.dtype, distance)
+        if e.shape[0] > 2**31 - 1:
+            raise ValueError(f"{_NAME}: the cuda backend supports K < 2^31 entries; got K = {e.shape[0]}")
+        idx = torch.empty(n, dtype=torch.int64, device=x.device)
+        dist = torch.empty(n, dtype=torch.float32, device=x.device)
+        _ext.extension().vq_nearest(x.data_ptr(), e.data_ptr(), e_sq.data_ptr(), idx.data_ptr(), dist.data_ptr(), n,
+                                    e.shape[0], dim, x.stride(0), e.stride(0), _ext.dtype_code(x),
+                                    _ext.dtype_code(e), distance == "cosine", ref.NORMALIZE_EPS,
+                                    _ext.stream_handle(x.device))
+        return idx, dist
+
+    @staticmethod
+    def statistics(x, indices, num_codes):
+        x = x.detach() if x.stride(-1) == 1 else x.detach().contiguous()
+        dim = x.shape[1]
+        out = torch.empty(num_codes, dim + 1, dtype=torch.float32, device=x.device)
+        _, order, offsets = ref.sorted_segments(indices, num_codes)
+        _ext.extension().vq_statistics(x.data_ptr(), order.data_ptr(), offsets.data_ptr(), out.data_ptr(), num_codes,
+                                       dim, x.stride(0), out.stride(0), _ext.dtype_code(x),
+                                       _ext.stream_handle(x.device))
+        return out
+
+    @staticmethod
+    def ema_update(codebook, ema_counts, ema_sums, packed, gamma, eps):
+        for name, t in (("codebook", codebook), ("ema_counts", ema_counts), ("ema_sums", ema_sums)):
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise ValueError(f"vq ema_update: `{name}` must be contiguous fp32 state; got {V.describe(t)}")
+        k, dim = codebook.shape
+        packed = packed.float().contiguous()
+        total = ref.ema_counts_step(ema_counts, packed[:, dim], gamma)
+        _ext.extension().vq_ema(codebook.data_ptr(), ema_counts.data_ptr(), ema_sums.data_ptr(), packed.data_ptr(),
+                                total.data_ptr(), k, dim, packed.stride(0), float(gamma), float(1.0 - gamma),
+                                float(eps), float(k * eps), _ext.stream_handle(codebook.device))
+
+
 def _load_triton():
     from vlcore.kernels import vq
 
     return vq.TritonBackend
-
-
-def _load_cuda():
-    from vlcore.ops import vq_cuda
-
-    return vq_cuda.CudaBackend
 
 
 _LOWP = (torch.float16, torch.bfloat16, torch.float32)
@@ -74,7 +110,7 @@ dispatch.register(dispatch.Backend(
     description="fused tiled distance + argmin (no N x K), sorted segmented statistics (deterministic)",
 ))
 dispatch.register(dispatch.Backend(
-    op=OP, name=dispatch.CUDA, devices=("cuda",), dtypes=_LOWP, priority=10, load=_load_cuda,
+    op=OP, name=dispatch.CUDA, devices=("cuda",), dtypes=_LOWP, priority=10, load=_CudaBackend,
     requires=lambda: dispatch.cuda_ext_missing("vq_nearest"),
     description="csrc/vq.cu: warp-level argmin, sorted segmented statistics (deterministic)",
 ))

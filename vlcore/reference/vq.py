@@ -91,11 +91,17 @@ def smoothed_counts(ema_counts: torch.Tensor, eps: float) -> torch.Tensor:
     return (ema_counts + eps) / (total + ema_counts.shape[0] * eps) * total
 
 
+def ema_counts_step(ema_counts: torch.Tensor, counts: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The counts half of the momentum step, in place; returns sum(n) as a 1-element tensor (no host sync)."""
+    ema_counts.mul_(gamma).add_(torch.mul(counts, 1.0 - gamma))
+    return ema_counts.sum().reshape(1)
+
+
 @torch.no_grad()
 def ema_update(codebook: torch.Tensor, ema_counts: torch.Tensor, ema_sums: torch.Tensor, counts: torch.Tensor,
                sums: torch.Tensor, gamma: float, eps: float = 1e-5) -> None:
     """One momentum step of SOHO's dictionary, in place on the fp32 state (see the module docstring)."""
-    ema_counts.mul_(gamma).add_(torch.mul(counts, 1.0 - gamma))
+    ema_counts_step(ema_counts, counts, gamma)
     ema_sums.mul_(gamma).add_(torch.mul(sums, 1.0 - gamma))
     smoothed = smoothed_counts(ema_counts, eps)
     updated = ema_sums / smoothed.unsqueeze(1)
@@ -110,3 +116,27 @@ def momentum_at(step: int, momentum: float, warmup_steps: float) -> float:
     if warmup_steps <= 0:
         return float(momentum)
     return float(min(momentum, momentum * step / warmup_steps))
+
+
+# ---- inputs of the compiled backends (pure torch, O(K D + N) work) -------------------------------------
+
+def dot_operands(codebook: torch.Tensor, x_dtype: torch.dtype, distance: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codebook operand of the fused dot, ||e||^2 fp32), once per call.
+
+    l2 with fp16/bf16 x: the codebook in x's dtype (products exact in fp32, tensor cores); fp32 x and cosine:
+    fp32 (normalised for cosine, as :func:`prepared_codebook`)."""
+    if distance == "cosine" or x_dtype == torch.float32:
+        e = prepared_codebook(codebook, x_dtype, distance).float().contiguous()
+        return e, (e * e).sum(1)
+    e = codebook.detach().to(x_dtype).contiguous()
+    return e, e.float().pow(2).sum(1)
+
+
+def sorted_segments(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sorted entry ids, rows in that order (stable), offsets [K + 1]): entry j owns rows
+    order[offsets[j]:offsets[j+1]]. O(N + K) memory; what makes the compiled statistics deterministic."""
+    idx = indices.reshape(-1).long()
+    sorted_idx, order = torch.sort(idx, stable=True)
+    offsets = torch.zeros(num_codes + 1, dtype=torch.int64, device=idx.device)
+    torch.cumsum(torch.bincount(idx, minlength=num_codes), 0, out=offsets[1:])
+    return sorted_idx, order, offsets
