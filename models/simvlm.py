@@ -49,6 +49,13 @@ class SimVLMConfig:
     checkpoint: bool = False
 
 
+def sample_prefix_lens(lens: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Text prefix length p uniform in [1, L-1] per example (BOS always in the prefix, >= 1 target left)."""
+    lens = lens.long()
+    u = torch.rand(lens.shape, device=lens.device, generator=generator)
+    return 1 + (u * (lens - 1)).long().clamp(max=(lens - 2).clamp(min=0))
+
+
 class SimVLM(nn.Module):
     def __init__(self, config: SimVLMConfig):
         super().__init__()
@@ -106,7 +113,7 @@ class SimVLM(nn.Module):
         if text.shape[1] > self.config.max_text_len:
             raise ValueError(f"SimVLM: text length {text.shape[1]} exceeds max_text_len {self.config.max_text_len}")
         if prefix_lens is None:
-            prefix_lens = 1 + (torch.rand(lens.shape, device=text.device) * (lens - 1)).long()
+            prefix_lens = sample_prefix_lens(lens)
         prefix_lens = prefix_lens.to(device=text.device, dtype=torch.long)
         if text.device.type == "cpu" and bool(((prefix_lens < 1) | (prefix_lens >= lens)).any()):
             raise ValueError(f"SimVLM: prefix_lens must lie in [1, L-1]; got {prefix_lens.tolist()} for L={lens.tolist()}")

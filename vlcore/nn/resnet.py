@@ -77,9 +77,6 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        for block in self.modules():  # zero-init the last norm of each block: every block starts as identity
-            if isinstance(block, Bottleneck):
-                nn.init.zeros_(block.norm3.weight)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         check_image("ResNet", image, self.in_chans, self.image_size)
