@@ -135,6 +135,11 @@ def _ema_kernel(codebook_ptr, ema_counts_ptr, ema_sums_ptr, packed_ptr, total_pt
 
 # ---- launchers -----------------------------------------------------------------------------------------
 
+def _precision(dtype: torch.dtype) -> str:
+    """IEEE fp32 products for fp32 operands (as torch's default matmul); 16-bit operands use the tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def _nearest_config(dot_dtype: torch.dtype, dim: int) -> dict:
     if _INTERPRET:  # few, large numpy ops: the interpreter's cost is per operation
         return dict(BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, num_warps=4)
@@ -158,7 +163,7 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, distance: str = "l2") ->
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _nearest_kernel[grid](x, e, e_sq, idx, dist, n, e.shape[0], dim, x.stride(0), e.stride(0),
                           COSINE=distance == "cosine", NORM_EPS=ref.NORMALIZE_EPS,
-                          PRECISION="ieee", **cfg)
+                          PRECISION=_precision(e.dtype), **cfg)
     return idx, dist
 
 
@@ -174,7 +179,7 @@ def vq_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> tor
     block_j, block_r = (32, 32) if _INTERPRET else (16, 64)
     grid = (triton.cdiv(num_codes, block_j), triton.cdiv(dim, block_d))
     _statistics_kernel[grid](x, order, sorted_idx, offsets, out, num_codes, dim, x.stride(0), out.stride(0),
-                             BLOCK_J=block_j, BLOCK_R=block_r, BLOCK_D=block_d, PRECISION="ieee", num_warps=4)
+                             BLOCK_J=block_j, BLOCK_R=block_r, BLOCK_D=block_d, PRECISION=_precision(x.dtype), num_warps=4)
     return out
 
 

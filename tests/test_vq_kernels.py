@@ -125,6 +125,12 @@ def test_no_n_by_k_allocation():
         vq_ops.vq_statistics_packed(x, idx, k, backend="triton")
     assert t.largest_bytes < n * k * 4 // 8, f"allocated {t.largest_bytes} bytes, shape {t.largest_shape}"
     assert t.largest_bytes <= max(k * (d + 1), n * d) * 8
+    vd = VisualDictionary(k, d, dead_code_threshold=0.5, backend="triton").to(DEV).train()
+    xg = x.clone().requires_grad_()
+    with track_allocations() as t:  # a whole training step, restarts included, and its backward
+        q, _ = vd(xg)
+        q.sum().backward()
+    assert t.largest_bytes <= max(k * (d + 2), n * d) * 8, f"allocated {t.largest_bytes} bytes, {t.largest_shape}"
 
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])

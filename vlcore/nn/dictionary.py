@@ -1,7 +1,9 @@
 """SOHO's visual dictionary (Huang et al., CVPR 2021) as a module, plus the MVM masking helper.
 
 Every feature is mapped to its nearest entry (``vlcore.vq_nearest``: fused distance + argmin, no N x K buffer)
-and the output is straight-through: quantized = x + sg(e_h - x), so d quantized / d x = identity.
+and the output is straight-through: quantized = x + sg(e_h - x), so d quantized / d x = identity. It is computed
+as the entry itself (in x's dtype) with an identity gradient, which saves that expression's N x D temporaries
+and its rounding.
 
 A training step (under ``torch.no_grad``, state in fp32 whatever the input dtype or autocast):
 
@@ -112,13 +114,13 @@ class VisualDictionary(nn.Module):
         x2d = x.detach().reshape(-1, self.dim)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             if self.training:
-                indices, codes = self._train_step(x2d)
+                indices, table = self._train_step(x2d)
             else:
                 indices, _ = vq_ops.vq_nearest(x2d, self.codebook, distance=self.distance, backend=self.backend)
-                codes = self.codebook[indices]
+                table = self.codebook.to(x.dtype)
                 counts = torch.bincount(indices, minlength=self.num_codes).float()
                 self.perplexity.copy_(_perplexity(counts))
-        quantized = x + (codes.to(x.dtype).reshape(x.shape) - x).detach()
+        quantized = _StraightThrough.apply(x, table, indices)
         return quantized, indices.reshape(x.shape[:-1])
 
     # ---- training step ---------------------------------------------------------------------------------
@@ -143,14 +145,14 @@ class VisualDictionary(nn.Module):
         gamma = self.current_momentum(int(self.step))
         update_backend = vq_ops.choose_backend(self.codebook, backend).impl()
         update_backend.ema_update(self.codebook, self.ema_counts, self.ema_sums, packed, gamma, self.eps)
-        codes = self.codebook[indices]
+        table = self.codebook.to(x2d.dtype, copy=True)  # the output's entries: after the update, before restarts
         self.perplexity.copy_(_perplexity(packed[:, -1]))
         dead = self.ema_counts < self.dead_code_threshold
         self.dead_codes.copy_(dead.sum())
         n_dead = int(self.dead_codes)  # identical on every rank: computed from all-reduced state
         if n_dead:
             self._restart(dead.nonzero().squeeze(1), feats, dist2.float())
-        return indices, codes
+        return indices, table
 
     def _stat_features(self, x2d: torch.Tensor) -> torch.Tensor:
         if self.distance == "cosine":
@@ -226,6 +228,19 @@ class VisualDictionary(nn.Module):
         self.ema_sums.copy_(flat[k * d + k: 2 * k * d + k].view(k, d))
         self.step.fill_(int(flat[-2]))
         self.initialized.fill_(bool(flat[-1] > 0))
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Value table[indices] (in x's dtype), gradient identity to x: SOHO's x + sg(e_h - x) without the two extra
+    N x D temporaries of that expression (and without its rounding: the value is exactly the entry)."""
+
+    @staticmethod
+    def forward(ctx, x, table, indices):
+        return F.embedding(indices, table).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
 
 
 def _perplexity(counts: torch.Tensor) -> torch.Tensor:
