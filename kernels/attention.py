@@ -436,10 +436,20 @@ def _dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, PrefixLens, KvLens, Table,
 
 # ---- autotuned entry points (built lazily: the interpreter decision is read at import) -----------------
 
+def _prune_dkdv(configs, named_args, **kwargs):
+    """With a rel-pos table the dtable skew's gather grows with BLOCK_M + BLOCK_N (compile time and registers):
+    keep the tiles whose diagonals fit in 128 lanes."""
+    if kwargs.get("HAS_BIAS", named_args.get("HAS_BIAS", False)) and not _INTERPRET:
+        small = [c for c in configs if c.kwargs["SKEW_W"] <= 128]
+        return small or configs
+    return configs
+
+
 @functools.cache
 def _tuned():
     fwd = triton.autotune(_configs(_FWD_SHAPES, _INTERPRET_BLOCKS), key=_KEY)(_fwd_kernel)
-    dkdv = triton.autotune(_configs(_DKDV_SHAPES, _INTERPRET_BLOCKS, skew=True), key=_KEY)(_dkdv_kernel)
+    dkdv = triton.autotune(_configs(_DKDV_SHAPES, _INTERPRET_BLOCKS, skew=True), key=_KEY,
+                           prune_configs_by={"early_config_prune": _prune_dkdv})(_dkdv_kernel)
     dq = triton.autotune(_configs(_DQ_SHAPES, _INTERPRET_BLOCKS), key=_KEY)(_dq_kernel)
     return fwd, dkdv, dq
 
