@@ -120,7 +120,8 @@ def test_captions_match_boxes_and_answers(train_ds):
 
 
 def test_eval_sets():
-    images, labels = zero_shot_set()
+    zs = zero_shot_set()
+    images, labels = zs["image"], zs["label"]
     test = DigitsScenes("test")
     assert images.shape == (len(test), 3, 64, 64) and torch.equal(labels, torch.from_numpy(test.labels))
     assert images.min() >= -1 and images.max() <= 1

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 ANSWERS = tuple(str(d) for d in range(10)) + ("one", "two", "three")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 QUESTIONS = ("how many digits ?", "what is the first digit ?", "what is the last digit ?")
 _SPLITS = {"train": 0, "test": 1}
 _SIZES = tuple(range(14, 23))  # digit edge in pixels on a 64x64 canvas (scaled for other canvas sizes)
@@ -38,14 +40,27 @@ class Scene:
 
 @functools.lru_cache(maxsize=1)
 def load_scans():
-    """(images float32 (N, 8, 8) in [0, 1], labels int64 (N,)) from scikit-learn's bundled digits."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - declared dependency
+    """(images float32 (N, 8, 8) in [0, 1], labels int64 (N,)) from scikit-learn's bundled digits.
+
+    Reads the CSV that ``sklearn.datasets.load_digits`` reads, without importing scikit-learn (whose import
+    costs seconds); falls back to ``load_digits`` if the file moved.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
         raise ImportError("the digits-scenes dataset needs scikit-learn (pip install scikit-learn): it ships "
-                          "the handwritten digit scans the scenes are made of") from e
-    d = load_digits()
-    return d.images.astype(np.float32) / 16.0, d.target.astype(np.int64)
+                          "the handwritten digit scans the scenes are made of")
+    csv = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    if csv.is_file():
+        data = np.loadtxt(csv, delimiter=",")
+        images, target = data[:, :-1].reshape(-1, 8, 8), data[:, -1]
+    else:  # pragma: no cover - layout of a future scikit-learn
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        images, target = d.images, d.target
+    return images.astype(np.float32) / 16.0, target.astype(np.int64)
 
 
 class DigitsScenes:
@@ -163,11 +178,22 @@ def all_captions(max_digits: int = 3) -> list[str]:
     return out + list(QUESTIONS) + list(ANSWERS)
 
 
-def zero_shot_set(seed: int = 0, image_size: int = 64, split_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Held-out single-digit images: every test scan once, at a random size and place. (image, label)."""
+def in_words(caption: str) -> str:
+    """The caption with its numerals spelled out ("a 3 above a 7" -> "a three above a seven"): the other side of
+    the translation pairs that text-text objectives (MURAL) train on."""
+    return " ".join(NUMBER_WORDS[int(w)] if w.isdigit() and len(w) == 1 else w for w in caption.split(" "))
+
+
+def zero_shot_set(seed: int = 0, image_size: int = 64, split_seed: int = 0) -> dict:
+    """Held-out single-digit images: every test scan once, at a random size and place.
+
+    :func:`scenes_to_arrays` of them plus ``label`` (B,).
+    """
     ds = DigitsScenes("test", seed=seed + 1_000_003, image_size=image_size, split_seed=split_seed)
     scenes = [ds.scene(i, n_digits=1, scan=i) for i in range(len(ds))]
-    return scenes_to_arrays(scenes)["image"], torch.tensor([s.digits[0] for s in scenes])
+    arr = scenes_to_arrays(scenes)
+    arr["label"] = torch.tensor([s.digits[0] for s in scenes])
+    return arr
 
 
 def retrieval_set(n: int = 100, seed: int = 0, image_size: int = 64, split_seed: int = 0) -> list[Scene]:

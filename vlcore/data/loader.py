@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vlcore.data.digits_scenes import DigitsScenes, scenes_to_arrays
+from vlcore.data.digits_scenes import DigitsScenes, in_words, scenes_to_arrays
 from vlcore.data.shards import ShardStream
 from vlcore.data.tokenizer import ByteBPETokenizer
 
@@ -35,7 +35,10 @@ class Collator:
         box_text_mask &= arr["box_valid"][..., None]
         box_text[~box_text_mask] = 0
         question, question_mask = self.tokenizer.batch(arr["question"], self.max_question_len)
-        return {"image": arr["image"], "text": text, "text_mask": text_mask, "boxes": arr["boxes"],
+        # translation pairs for text-text objectives: numerals spelled out <-> the caption
+        src_text, src_mask = self.tokenizer.batch([in_words(c) for c in arr["caption"]], self.max_text_len)
+        return {"src_text": src_text, "src_text_mask": src_mask, "tgt_text": text, "tgt_text_mask": text_mask,
+                "image": arr["image"], "text": text, "text_mask": text_mask, "boxes": arr["boxes"],
                 "box_valid": arr["box_valid"], "box_labels": arr["box_labels"], "box_text": box_text,
                 "box_text_mask": box_text_mask, "question": question, "question_mask": question_mask,
                 "answer": arr["answer"]}

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from vlcore import models
-from vlcore.data.digits_scenes import ANSWERS, QUESTIONS, DigitsScenes
+from vlcore.data.digits_scenes import ANSWERS, QUESTIONS, DigitsScenes, in_words
 from vlcore.data.loader import Collator, DigitsSource, ShardSource
 from vlcore.data.shards import ShardStream, read_captions
 from vlcore.data.tokenizer import ByteBPETokenizer
@@ -125,12 +125,18 @@ def build_model(name: str, overrides: dict) -> tuple[torch.nn.Module, dict]:
     return models.create(name, **fixed), _config_dict(config)
 
 
+@functools.lru_cache(maxsize=4)
+def _digits_tokenizer(seed: int, image_size: int, vocab_size: int) -> str:
+    ds = DigitsScenes("train", seed=seed, image_size=image_size)
+    scenes = ds.scenes(range(2000))
+    texts = [s.caption for s in scenes] + [in_words(s.caption) for s in scenes] + list(QUESTIONS) + list(ANSWERS)
+    return ByteBPETokenizer.train(texts, vocab_size=vocab_size).to_json()
+
+
 def train_tokenizer(cfg: TrainConfig) -> ByteBPETokenizer:
     """A BPE trained on this run's captions (plus phrases, questions and answers for digits-scenes)."""
     if cfg.data == DIGITS:
-        ds = DigitsScenes("train", seed=cfg.seed, image_size=cfg.image_size)
-        scenes = ds.scenes(range(4000))
-        texts = [s.caption for s in scenes] + list(QUESTIONS) + list(ANSWERS)
+        return ByteBPETokenizer.from_json(_digits_tokenizer(cfg.seed, cfg.image_size, cfg.vocab_size))
     else:
         texts = read_captions(cfg.data)
         if not texts:
@@ -219,6 +225,7 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
         tokenizer = ByteBPETokenizer.from_dict(meta["tokenizer"])
         model_overrides = meta["config"]
     else:
+        models.get_config(cfg.model)  # an unknown name fails before any work
         tokenizer = ByteBPETokenizer.load(cfg.tokenizer) if cfg.tokenizer else train_tokenizer(cfg)
         model_overrides = {**cfg.overrides, "vocab_size": tokenizer.vocab_size, "image_size": cfg.image_size,
                            "max_text_len": cfg.max_text_len}
