@@ -17,6 +17,8 @@ from vlcore.reference import vq as ref
 DEV = "cuda" if HAS_CUDA else "cpu"
 # N, K, D: N = 1 and 97; K = 3 and 2048 (small N there); D = 5 and 768 (small N and K there)
 SHAPES = [(1, 3, 5), (97, 3, 5), (97, 257, 33), (9, 2048, 5), (5, 7, 768)]
+# the CUDA backend runs the same tests on a GPU (it cannot run here)
+BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def truth(x, codebook, distance):
@@ -47,20 +49,22 @@ def check_nearest(x, codebook, distance, backend):
     return idx, dist
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("n,k,d", SHAPES)
-def test_nearest_l2(n, k, d, dtype):
-    check_nearest(torch.randn(n, d, device=DEV).to(dtype), torch.randn(k, d, device=DEV), "l2", "triton")
+def test_nearest_l2(n, k, d, dtype, backend):
+    check_nearest(torch.randn(n, d, device=DEV).to(dtype), torch.randn(k, d, device=DEV), "l2", backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("n,k,d", [(97, 3, 5), (9, 2048, 5), (5, 7, 768)])
-def test_nearest_cosine(n, k, d, dtype):
+def test_nearest_cosine(n, k, d, dtype, backend):
     x = torch.randn(n, d, device=DEV).to(dtype)
     cb = torch.randn(k, d, device=DEV)
-    check_nearest(x, cb, "cosine", "triton")
+    check_nearest(x, cb, "cosine", backend)
     # a zero row normalises to 0: distance 1 to every entry (which one wins is decided by rounding)
-    _, dist0 = vlcore.vq_nearest(torch.zeros(1, d, device=DEV, dtype=dtype), cb, distance="cosine", backend="triton")
+    _, dist0 = vlcore.vq_nearest(torch.zeros(1, d, device=DEV, dtype=dtype), cb, distance="cosine", backend=backend)
     assert abs(dist0.item() - 1.0) < 1e-5
 
 
@@ -76,23 +80,25 @@ def tie_case():
     return x, cb
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_nearest_ties_lowest_index(dtype):
+def test_nearest_ties_lowest_index(dtype, backend):
     x, cb = tie_case()
-    idx, dist = vlcore.vq_nearest(x.to(DEV, dtype), cb.to(DEV), backend="triton")
+    idx, dist = vlcore.vq_nearest(x.to(DEV, dtype), cb.to(DEV), backend=backend)
     t_idx, t_dist, all_d = truth(x, cb, "l2")
     assert ((all_d == all_d.min(1, keepdim=True).values).sum(1) > 1).sum() >= 4  # real ties
     assert torch.equal(idx.cpu(), t_idx) and idx.tolist()[:3] == [1, 4, 6] and idx[6].item() == 41
     assert torch.equal(dist.cpu().double(), t_dist)  # exact arithmetic: exact distances
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("n,k,d", [(1, 3, 5), (97, 3, 5), (97, 257, 33), (31, 2048, 5), (13, 5, 768)])
-def test_statistics_match_literal_loop(n, k, d, dtype):
+def test_statistics_match_literal_loop(n, k, d, dtype, backend):
     x = torch.randn(n, d, device=DEV).to(dtype)
     idx = torch.randint(0, k, (n,), device=DEV)
     idx[0] = k - 1
-    counts, sums = vq_ops.vq_statistics(x, idx, k, backend="triton")
+    counts, sums = vq_ops.vq_statistics(x, idx, k, backend=backend)
     lit_counts = torch.zeros(k, dtype=torch.float64)
     lit_sums = torch.zeros(k, d, dtype=torch.float64)
     for i in range(n):  # the literal loop
@@ -100,20 +106,27 @@ def test_statistics_match_literal_loop(n, k, d, dtype):
         lit_sums[int(idx[i])] += x[i].double().cpu()
     assert torch.equal(counts.cpu().double(), lit_counts)
     assert torch.allclose(sums.cpu().double(), lit_sums, rtol=1e-6, atol=1e-5)
-    again = vq_ops.vq_statistics_packed(x, idx, k, backend="triton")
+    again = vq_ops.vq_statistics_packed(x, idx, k, backend=backend)
     assert torch.equal(again[:, :d], sums) and torch.equal(again[:, d], counts)  # deterministic
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k,d", [(3, 5), (257, 33), (7, 768)])
-def test_ema_step_matches_reference(k, d):
+def test_ema_step_matches_soho_literal(k, d, backend):
     state = [torch.randn(k, d, device=DEV), torch.rand(k, device=DEV) * 4, torch.randn(k, d, device=DEV)]
     state[1][0] = 0  # an entry never used: smoothing keeps it finite
     packed = torch.cat([torch.randn(k, d, device=DEV), torch.randint(0, 5, (k, 1), device=DEV).float()], 1)
     mine = [t.clone() for t in state]
-    theirs = [t.clone() for t in state]
-    dispatch.get("vq", "triton").impl().ema_update(*mine, packed, 0.8, 1e-5)
-    ref.ema_update(*theirs, packed[:, d], packed[:, :d], 0.8, 1e-5)
-    for a, b in zip(mine, theirs):
+    dispatch.get("vq", backend).impl().ema_update(*mine, packed, 0.8, 1e-5)
+    # SOHO's released update, written out: EMA of counts and sums, Laplace smoothing, normalisation
+    embed, cluster_size, embed_avg = [t.clone() for t in state]
+    encoding_sum, embed_sum, decay = packed[:, d], packed[:, :d], 0.8
+    cluster_size.mul_(decay).add_(torch.mul(encoding_sum, 1.0 - decay))
+    embed_avg.mul_(decay).add_(torch.mul(embed_sum, 1.0 - decay))
+    n = cluster_size.sum()
+    smoothed = (cluster_size + 1e-5) / (n + k * 1e-5) * n
+    embed = embed_avg / smoothed.unsqueeze(1)
+    for a, b in zip(mine, (embed, cluster_size, embed_avg)):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
@@ -133,21 +146,22 @@ def test_no_n_by_k_allocation():
     assert t.largest_bytes <= max(k * (d + 2), n * d) * 8, f"allocated {t.largest_bytes} bytes, {t.largest_shape}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
-def test_visual_dictionary_triton_equals_reference(distance):
+def test_visual_dictionary_kernels_equal_reference(distance, backend):
     k, d = 24, 10
     mods = {b: VisualDictionary(k, d, dead_code_threshold=0.7, distance=distance, backend=b, seed=4).to(DEV).train()
-            for b in ("triton", "reference")}
+            for b in (backend, "reference")}
     centers = torch.randn(6, d, device=DEV) * 3
     for step in range(4):
         x = centers[torch.randint(0, 6, (40,), device=DEV)] + 0.3 * torch.randn(40, d, device=DEV)
         x = x.requires_grad_()
-        (q_t, i_t), (q_r, i_r) = mods["triton"](x), mods["reference"](x)
+        (q_t, i_t), (q_r, i_r) = mods[backend](x), mods["reference"](x)
         assert torch.equal(i_t, i_r), f"step {step}"
         assert torch.allclose(q_t, q_r, atol=1e-5)
         (g,) = torch.autograd.grad(q_t.sum(), x)
         assert torch.equal(g, torch.ones_like(g))
-    a, b = mods["triton"], mods["reference"]
+    a, b = mods[backend], mods["reference"]
     assert int(a.dead_codes) == int(b.dead_codes) and int(a.step) == 4
     for name in ("codebook", "ema_counts", "ema_sums"):
         assert torch.allclose(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-5), name
