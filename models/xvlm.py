@@ -14,8 +14,9 @@
 
 Size: ``xvlm-base`` = Swin-B (224 px, window 7) + 6 + 6 BERT-base layers, 30522 vocabulary: ~215M parameters
 (paper: 216M).
-Distributed: whether the box-level losses run depends only on the batch keys (same on every rank), so every
-rank enters the same collectives; a rank without valid boxes joins them with empty tensors.
+Distributed: whether the box-level losses run depends only on the batch keys (same on every rank), and a rank
+without valid boxes runs the very same ops on empty tensors: every rank builds the same autograd graph, so the
+gathers' backward collectives run in the same order everywhere (no mismatch, no hang).
 """
 
 from __future__ import annotations
@@ -145,14 +146,16 @@ class XVLM(nn.Module):
         concept_lens_all = vdist.all_gather(concept_lens)
         text_hidden_all = vdist.all_gather(text_hidden)
         text_lens_all = vdist.all_gather(text_lens)
-        if b == 0 or sum(sizes) < 2:
+        if sum(sizes) < 2:  # the same decision on every rank
             return concept.sum() * 0.0
         offset = sum(sizes[:rank])
         own = offset + torch.arange(b, device=concept.device)
-        with torch.no_grad():
-            scale = self.contrastive.scale()
-            neg_text = sample_hard_negatives(scale * image_feat @ text_all.t(), own)
-            neg_image = sample_hard_negatives(scale * text_feat @ image_all.t(), own)
+        neg_text = neg_image = own  # an empty local batch still runs every op below (same graph on all ranks)
+        if b:
+            with torch.no_grad():
+                scale = self.contrastive.scale()
+                neg_text = sample_hard_negatives(scale * image_feat @ text_all.t(), own)
+                neg_image = sample_hard_negatives(scale * text_feat @ image_all.t(), own)
         vis = torch.cat([concept, concept, concept_all[neg_image]])
         vis_lens = torch.cat([concept_lens, concept_lens, concept_lens_all[neg_image]])
         txt = torch.cat([text_hidden, text_hidden_all[neg_text], text_hidden])
@@ -160,7 +163,7 @@ class XVLM(nn.Module):
         logits = self.itm_head(self.cross(txt, txt_lens, vis, vis_lens)[:, 0])
         labels = torch.cat([torch.ones(b, dtype=torch.long, device=logits.device),
                             torch.zeros(2 * b, dtype=torch.long, device=logits.device)])
-        return F.cross_entropy(logits.float(), labels)
+        return F.cross_entropy(logits.float(), labels, reduction="sum") / max(3 * b, 1)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         image, text = need(batch, "image", "X-VLM"), need(batch, "text", "X-VLM")
@@ -203,11 +206,8 @@ class XVLM(nn.Module):
         out = {f"itc_{level}": self.contrastive(box_feat, phrase_feat),
                f"itm_{level}": self.matching_loss(box_concept, box_concept_lens, box_feat, phrase_hidden, phrase_lens,
                                                   phrase_feat)}
-        if target.shape[0]:
-            cls = self.cross(phrase_hidden, phrase_lens, concept[image_index], concept_lens[image_index])[:, 0]
-            out["box_l1"], out["box_giou"] = box_losses(self.box_head(cls).float(), target)
-        else:
-            out["box_l1"] = out["box_giou"] = box_feat.sum() * 0.0
+        cls = self.cross(phrase_hidden, phrase_lens, concept[image_index], concept_lens[image_index])[:, 0]
+        out["box_l1"], out["box_giou"] = box_losses(self.box_head(cls).float(), target)
         return out
 
     # ---- the contract -----------------------------------------------------------------------------------

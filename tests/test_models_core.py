@@ -379,3 +379,29 @@ def test_xvlm_without_boxes_and_region_level_names(tiny):
         torch.testing.assert_close(e.norm(dim=-1), torch.ones(3))
     box = model.predict_box(batch["image"], batch["text"], batch["text_mask"])
     assert box.shape == (3, 4) and bool(((box > 0) & (box < 1)).all())
+
+
+# ---- X-VLM across ranks ----------------------------------------------------------------------------------------
+
+def _xvlm_worker(rank, world):
+    torch.manual_seed(0)  # the same weights on every rank
+    model = models.create("xvlm-tiny")
+    batch = make_batch(model.config, b=3 if rank == 0 else 2, seed=rank)
+    if rank == 1:
+        batch["box_valid"][:] = False  # no valid box here: this rank joins the collectives with empty tensors
+    out = model(batch)
+    out["loss"].backward()
+    finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+    return {k: float(v) for k, v in out.items()}, finite
+
+
+@pytest.mark.distributed
+def test_xvlm_two_ranks_unequal_batches_and_a_rank_without_boxes():
+    from dist_utils import run_distributed
+
+    (out0, finite0), (out1, finite1) = run_distributed(_xvlm_worker, 2)
+    assert finite0 and finite1
+    assert set(out0) == set(out1)
+    for key in ("itc_image", "itc_object"):  # the contrastive losses are global-batch values, equal on every rank
+        assert out0[key] == pytest.approx(out1[key], rel=1e-5)
+    assert out1["box_l1"] == 0.0 and out0["box_l1"] > 0
