@@ -1,0 +1,146 @@
+"""2-D relative position table inside the Triton attention kernels: forward, dq/dk/dv and dtable vs the reference,
+a Swin/timm table checked against an independent dense-bias computation, and a bitwise-deterministic dtable.
+
+Runs under TRITON_INTERPRET=1 on CPU (fp32, fp16) at small odd grids (3×5, 7×7); @gpu tests use bf16 and ViT grids.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_check import compare_with_reference, track_allocations
+
+import vlcore
+from vlcore.reference import attention as ref
+
+
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _table(grid, heads, dtype, transposed=False):
+    gh, gw = grid
+    size = (2 * gh - 1) * (2 * gw - 1)
+    if transposed:  # a (H, T) parameter seen as (T, H): strides (1, T)
+        return torch.randn(heads, size).to(dtype).t()
+    return torch.randn(size, heads).to(dtype)
+
+
+def _check(batch, nq, nk, heads, dim, dtype, grid, start, *, shared=False, transposed=False, **mask):
+    dev = _device()
+    q = torch.randn(1 if shared else batch, nq, heads, dim).to(dtype).to(dev)
+    k = torch.randn(batch, nk, heads, dim).to(dtype).to(dev)
+    v = torch.randn(batch, nk, heads, dim).to(dtype).to(dev)
+    table = _table(grid, heads, dtype, transposed).to(dev)
+    mask = {n: (t.to(dev) if isinstance(t, torch.Tensor) else t) for n, t in mask.items()}
+    bias = {"rel_pos_grid": grid, "rel_pos_start": start}
+    return compare_with_reference(
+        lambda q, k, v, table: vlcore.attention(q, k, v, rel_pos_table=table, backend="triton", **bias, **mask),
+        lambda q, k, v, table: ref.attention(q, k, v, rel_pos_table=table, **bias, **mask),
+        {"q": q, "k": k, "v": v, "table": table}, dtype=dtype)
+
+
+CASES = {
+    # name: (batch, nq, nk, heads, dim, dtype, grid, start, extra)
+    "3x5-plain-strided-table": (2, 15, 15, 2, 32, torch.float32, (3, 5), 0, {"transposed": True}),
+    "3x5-offset-prefix-pad": (2, 26, 26, 2, 32, torch.float16, (3, 5), 4,
+                              {"prefix_lens": torch.tensor([10, 22]), "kv_lens": torch.tensor([26, 20])}),
+    "7x7-simvlm-image-then-text": (2, 65, 65, 1, 80, torch.float32, (7, 7), 0,
+                                   {"prefix_lens": torch.tensor([54, 49])}),
+    "7x7-text-then-image-causal-pad": (2, 70, 70, 1, 32, torch.float16, (7, 7), 9,
+                                       {"causal": True, "kv_lens": torch.tensor([70, 40])}),
+    "7x7-cross-causal": (1, 40, 70, 2, 32, torch.float32, (7, 7), 3, {"causal": True}),
+    "7x7-grid-past-the-end": (1, 60, 60, 1, 32, torch.float32, (7, 7), 30, {}),
+    "3x5-shared-queries": (2, 15, 15, 2, 32, torch.float32, (3, 5), 0, {"shared": True,
+                                                                        "kv_lens": torch.tensor([15, 8])}),
+    "3x5-windows-in-batch": (4, 15, 15, 1, 32, torch.float16, (3, 5), 0, {}),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_relpos_vs_reference(name):
+    batch, nq, nk, heads, dim, dtype, grid, start, extra = CASES[name]
+    _check(batch, nq, nk, heads, dim, dtype, grid, start, **extra)
+
+
+def _timm_relative_position_index(gh: int, gw: int) -> torch.Tensor:
+    """timm.models.swin_transformer.get_relative_position_index, written out independently."""
+    coords = torch.stack(torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij"))
+    flat = torch.flatten(coords, 1)
+    rel = (flat[:, :, None] - flat[:, None, :]).permute(1, 2, 0).contiguous()
+    rel[:, :, 0] += gh - 1
+    rel[:, :, 1] += gw - 1
+    rel[:, :, 0] *= 2 * gw - 1
+    return rel.sum(-1)
+
+
+@pytest.mark.parametrize("grid,dtype", [((7, 7), torch.float32), ((3, 5), torch.float16)], ids=str)
+def test_timm_table_matches_dense_bias(grid, dtype):
+    """A Swin/timm table loads unchanged: vlcore equals table[index] gathered into a dense bias + SDPA."""
+    gh, gw = grid
+    n, heads = gh * gw, 2
+    index = _timm_relative_position_index(gh, gw).to(_device())
+
+    def dense(q, k, v, table):
+        bias = table[index.view(-1)].view(n, n, heads).permute(2, 0, 1)  # (H, N, N), as timm
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=bias.to(q.dtype))
+        return out.transpose(1, 2)
+
+    dev = _device()
+    inputs = {"q": torch.randn(3, n, heads, 32), "k": torch.randn(3, n, heads, 32), "v": torch.randn(3, n, heads, 32),
+              "table": torch.randn((2 * gh - 1) * (2 * gw - 1), heads)}
+    inputs = {name: t.to(dtype).to(dev) for name, t in inputs.items()}
+    compare_with_reference(
+        lambda q, k, v, table: vlcore.attention(q, k, v, rel_pos_table=table, rel_pos_grid=grid, backend="triton"),
+        dense, inputs, dtype=dtype)
+
+
+def test_dtable_is_deterministic_and_no_n_by_n():
+    dev = _device()
+    q = torch.randn(3, 60, 2, 32, device=dev, requires_grad=True)
+    k = torch.randn(3, 60, 2, 32, device=dev, requires_grad=True)
+    v = torch.randn(3, 60, 2, 32, device=dev, requires_grad=True)
+    table = torch.randn(13 * 13, 2, device=dev, requires_grad=True)
+    kw = {"rel_pos_table": table, "rel_pos_grid": (7, 7), "rel_pos_start": 0, "backend": "triton",
+          "prefix_lens": torch.tensor([55, 49, 60], device=dev)}
+    dout = torch.randn(3, 60, 2, 32, device=dev)
+    with track_allocations() as tracker:
+        runs = [torch.autograd.grad(vlcore.attention(q, k, v, **kw), (q, k, v, table), dout) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    # the largest buffers are the (B, N, H, D) inputs' gradients, far below the (B, H, N, N) scores
+    assert tracker.largest_bytes <= 3 * 60 * 2 * 32 * 4 < 3 * 2 * 60 * 60 * 4, (tracker.largest_bytes,
+                                                                               tracker.largest_shape)
+
+
+def test_table_shape_is_checked():
+    q = torch.randn(1, 15, 2, 32)
+    with pytest.raises(ValueError, match="rel_pos_table"):
+        vlcore.attention(q, q, q, rel_pos_table=torch.randn(44, 2), rel_pos_grid=(3, 5), backend="triton")
+
+
+# ---- native GPU runs ---------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32), ids=str)
+@pytest.mark.parametrize("grid,text,dim", [((14, 14), 0, 64), ((14, 14), 40, 64), ((24, 24), 77, 128),
+                                           ((7, 7), 0, 32)])
+def test_gpu_relpos(grid, text, dim, dtype):
+    n = grid[0] * grid[1] + text
+    mask = {"prefix_lens": torch.tensor([n - text // 2, n - text, n])} if text else {}
+    _check(3, n, n, 4, dim, dtype, grid, 0, **mask)
+
+
+@pytest.mark.gpu
+def test_gpu_dtable_deterministic():
+    q, k, v = (torch.randn(64, 196, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    table = torch.randn(27 * 27, 12, device="cuda", requires_grad=True)
+    dout = torch.randn(64, 196, 12, 64, device="cuda", dtype=torch.bfloat16)
+    kw = {"rel_pos_table": table, "rel_pos_grid": (14, 14), "backend": "triton"}
+    runs = [torch.autograd.grad(vlcore.attention(q, k, v, **kw), (q, k, v, table), dout) for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
