@@ -24,6 +24,7 @@ fp32 (TF32 products for fp16/bf16 inputs: a 16-bit G would underflow — its ent
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -178,11 +179,24 @@ def _blocks(dim: int) -> dict:
 
 
 def _precisions(dtype: torch.dtype) -> tuple[str, str]:
-    return ("ieee", "ieee") if dtype == torch.float32 else ("ieee", "tf32")
+    """(logits, gradient) dot precisions. fp32 inputs follow torch's matmul setting: IEEE by default (as torch's
+    fp32 matmul), TF32 after torch.set_float32_matmul_precision("high"/"medium") or allow_tf32 = True."""
+    if dtype == torch.float32:
+        fast = torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32
+        mode = "tf32" if fast and not _INTERPRET else "ieee"
+        return mode, mode
+    return "ieee", "tf32"  # 16-bit logits use the tensor cores whatever the flag says
 
 
-def _bias_arg(scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return scale if bias is None else bias  # never read for InfoNCE: any valid pointer
+def _bias_arg(scale: torch.Tensor, bias: torch.Tensor | None, siglip: bool) -> torch.Tensor:
+    if bias is None:  # InfoNCE never reads it (any valid pointer); SigLIP without a bias means bias 0
+        return torch.zeros((), dtype=torch.float32, device=scale.device) if siglip else scale
+    return bias
+
+
+def _device_guard(t: torch.Tensor):
+    """Launch on the tensors' GPU (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def contrastive_fwd(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, offset: int,
@@ -196,10 +210,11 @@ def contrastive_fwd(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias:
     cfg = _blocks(dim)
     precision, _ = _precisions(x.dtype)
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]),)
-    _fwd_kernel[grid](x, y, scale, _bias_arg(scale, bias), rows, lse if not siglip else rows, n_rows, n_cols, dim,
-                      offset, x.stride(0), x.stride(1), y.stride(0), y.stride(1), SIGLIP=siglip,
-                      BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PRECISION=precision,
-                      num_warps=4, num_stages=1 if _INTERPRET else 3)
+    with _device_guard(x):
+        _fwd_kernel[grid](x, y, scale, _bias_arg(scale, bias, siglip), rows, lse if not siglip else rows, n_rows,
+                          n_cols, dim, offset, x.stride(0), x.stride(1), y.stride(0), y.stride(1), SIGLIP=siglip,
+                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                          PRECISION=precision, num_warps=4, num_stages=1 if _INTERPRET else 3)
     return rows, lse
 
 
@@ -221,11 +236,13 @@ def contrastive_bwd(drow: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scale:
     common = dict(SIGLIP=siglip, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                   BLOCK_D=cfg["BLOCK_D"], PRECISION=precision, GRAD_PRECISION=grad_precision,
                   num_warps=4 if _INTERPRET else 8, num_stages=1 if _INTERPRET else 2)
-    _bwd_dx_kernel[(row_blocks, d_blocks)](
-        x, y, scale, _bias_arg(scale, bias), lse_arg, drow, dx, partial, n_rows, n_cols, dim, offset,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1), dx.stride(0), row_blocks, **common)
-    _bwd_dy_kernel[(triton.cdiv(n_cols, cfg["BLOCK_N"]), d_blocks)](
-        x, y, scale, _bias_arg(scale, bias), lse_arg, drow, dy, n_rows, n_cols, dim, offset,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1), dy.stride(0), **common)
+    bias_arg = _bias_arg(scale, bias, siglip)
+    with _device_guard(x):
+        _bwd_dx_kernel[(row_blocks, d_blocks)](
+            x, y, scale, bias_arg, lse_arg, drow, dx, partial, n_rows, n_cols, dim, offset,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), dx.stride(0), row_blocks, **common)
+        _bwd_dy_kernel[(triton.cdiv(n_cols, cfg["BLOCK_N"]), d_blocks)](
+            x, y, scale, bias_arg, lse_arg, drow, dy, n_rows, n_cols, dim, offset,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), dy.stride(0), **common)
     sums = partial.view(2, row_blocks).sum(dim=1)
     return dx, dy, sums[0], (sums[1] if siglip and bias is not None else None)

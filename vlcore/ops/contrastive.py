@@ -67,7 +67,9 @@ class _CudaBackend:
     @staticmethod
     def _scalars(scale, bias):
         s32 = scale.detach().reshape(()).float().contiguous()  # fp32 device scalars, read by the kernels
-        return s32, (s32 if bias is None else bias.detach().reshape(()).float().contiguous())
+        if bias is None:  # InfoNCE never reads it; SigLIP without a bias means bias 0
+            return s32, torch.zeros_like(s32)
+        return s32, bias.detach().reshape(()).float().contiguous()
 
     @staticmethod
     def forward(x, y, scale, bias, offset, kind):
@@ -75,10 +77,11 @@ class _CudaBackend:
         rows = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         lse = torch.empty(0 if siglip else x.shape[0], dtype=torch.float32, device=x.device)
         s32, b32 = _CudaBackend._scalars(scale, bias)
-        _ext.extension().contrastive_fwd(
-            x.data_ptr(), y.data_ptr(), s32.data_ptr(), b32.data_ptr(), rows.data_ptr(),
-            (rows if siglip else lse).data_ptr(), x.shape[0], y.shape[0], x.shape[1], int(offset), x.stride(0),
-            x.stride(1), y.stride(0), y.stride(1), _ext.dtype_code(x), siglip, _ext.stream_handle(x.device))
+        with torch.cuda.device(x.device):  # the kernels launch on the current device
+            _ext.extension().contrastive_fwd(
+                x.data_ptr(), y.data_ptr(), s32.data_ptr(), b32.data_ptr(), rows.data_ptr(),
+                (rows if siglip else lse).data_ptr(), x.shape[0], y.shape[0], x.shape[1], int(offset), x.stride(0),
+                x.stride(1), y.stride(0), y.stride(1), _ext.dtype_code(x), siglip, _ext.stream_handle(x.device))
         return rows, lse
 
     @staticmethod
@@ -90,11 +93,12 @@ class _CudaBackend:
         row_blocks = -(-x.shape[0] // _CUDA_ROW_TILE)
         partial = torch.empty(2 * row_blocks, dtype=torch.float32, device=x.device)
         s32, b32 = _CudaBackend._scalars(scale, bias)
-        _ext.extension().contrastive_bwd(
-            drow.data_ptr(), x.data_ptr(), y.data_ptr(), s32.data_ptr(), b32.data_ptr(),
-            (drow if siglip else lse).data_ptr(), dx.data_ptr(), dy.data_ptr(), partial.data_ptr(), x.shape[0],
-            y.shape[0], x.shape[1], int(offset), x.stride(0), x.stride(1), y.stride(0), y.stride(1), dx.stride(0),
-            dy.stride(0), _ext.dtype_code(x), siglip, _ext.stream_handle(x.device))
+        with torch.cuda.device(x.device):
+            _ext.extension().contrastive_bwd(
+                drow.data_ptr(), x.data_ptr(), y.data_ptr(), s32.data_ptr(), b32.data_ptr(),
+                (drow if siglip else lse).data_ptr(), dx.data_ptr(), dy.data_ptr(), partial.data_ptr(), x.shape[0],
+                y.shape[0], x.shape[1], int(offset), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+                dx.stride(0), dy.stride(0), _ext.dtype_code(x), siglip, _ext.stream_handle(x.device))
         sums = partial.view(2, row_blocks).sum(dim=1)  # fixed-order reduction of the per-block partials
         return dx, dy, sums[0], (sums[1] if siglip and bias is not None else None)
 
@@ -140,7 +144,8 @@ def _rows_backward_op(drow: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scal
 @_rows_backward_op.register_fake
 def _(drow, x, y, scale, bias, lse, offset, kind, backend):
     dbias = scale.new_empty(0) if bias is None else torch.empty_like(bias)
-    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale), dbias
+    # the backends return dense (contiguous) gradients whatever the inputs' strides
+    return x.new_empty(x.shape), y.new_empty(y.shape), torch.empty_like(scale), dbias
 
 
 def _setup_context(ctx, inputs, output):
