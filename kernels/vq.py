@@ -27,6 +27,7 @@ then updates sums and codebook over K x D reading the total from device memory (
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -140,12 +141,20 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _nearest_config(dot_dtype: torch.dtype, dim: int) -> dict:
-    if _INTERPRET:  # few, large numpy ops: the interpreter's cost is per operation
-        return dict(BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, num_warps=4)
-    if dot_dtype == torch.float32:
-        return dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, num_warps=4, num_stages=3)
-    return dict(BLOCK_N=128, BLOCK_K=128, BLOCK_D=64 if dim >= 64 else 32, num_warps=8, num_stages=3)
+# Autotuned on GPU (tile shapes differ for tensor-core and IEEE fp32 dots); under the interpreter one fixed
+# config of few, large numpy ops (the interpreter's cost is per operation; a single config is never benchmarked).
+_LOWP_CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 4),
+                 (64, 64, 64, 4, 4)]
+_FP32_CONFIGS = [(64, 64, 32, 4, 3), (32, 64, 32, 4, 2), (64, 32, 32, 4, 3), (64, 64, 16, 4, 4)]
+
+
+@functools.cache
+def _tuned_nearest(lowp: bool):
+    if _INTERPRET:
+        return _nearest_kernel, dict(BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, num_warps=4)
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=st)
+               for bn, bk, bd, w, st in (_LOWP_CONFIGS if lowp else _FP32_CONFIGS)]
+    return triton.autotune(configs, key=["n_codes", "dim", "COSINE"])(_nearest_kernel), {}
 
 
 def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, distance: str = "l2") -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,11 +168,10 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, distance: str = "l2") ->
     dist = torch.empty(n, dtype=torch.float32, device=x.device)
     if n == 0:
         return idx, dist
-    cfg = _nearest_config(e.dtype, dim)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-    _nearest_kernel[grid](x, e, e_sq, idx, dist, n, e.shape[0], dim, x.stride(0), e.stride(0),
-                          COSINE=distance == "cosine", NORM_EPS=ref.NORMALIZE_EPS,
-                          PRECISION=_precision(e.dtype), **cfg)
+    kernel, cfg = _tuned_nearest(e.dtype != torch.float32)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
+    kernel[grid](x, e, e_sq, idx, dist, n, e.shape[0], dim, x.stride(0), e.stride(0),
+                 COSINE=distance == "cosine", NORM_EPS=ref.NORMALIZE_EPS, PRECISION=_precision(e.dtype), **cfg)
     return idx, dist
 
 

@@ -14,13 +14,15 @@ STATE = ("codebook", "ema_counts", "ema_sums", "step", "initialized")
 
 
 def _batches():
-    """Per step: rank 0 gets 23 rows, rank 1 gets 14 (unequal), drawn from 5 clusters so most entries die."""
+    """Per step: rank 0 gets 23 rows, rank 1 gets 14 (unequal; at step 2 rank 1 gets none), drawn from 5 clusters
+    so most entries die."""
     gen = torch.Generator().manual_seed(123)
     centers = torch.randn(5, D, generator=gen) * 4
     steps = []
     for _ in range(STEPS):
         rows = centers[torch.randint(0, 5, (37,), generator=gen)] + 0.5 * torch.randn(37, D, generator=gen)
-        steps.append((rows[:23], rows[23:]))
+        cut = 37 if len(steps) == 2 else 23
+        steps.append((rows[:cut], rows[cut:]))
     return steps
 
 
