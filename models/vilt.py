@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlcore import tokens as T
 from vlcore.nn.fusion import SingleStreamEncoder
 from vlcore.nn.heads import MLMHead
 from vlcore.nn.masking import mask_whole_words, word_ids_from_starts, word_start_table
@@ -143,7 +144,7 @@ class ViLT(nn.Module):
         t_out, v_out, pooled = self.fuse(pair_image, text, text_mask)
         itm = F.cross_entropy(self.itm_head(pooled).float(), matched.long())
         # WPA: text tokens without BOS/EOS vs image patches without the image [CLS]
-        words = text_mask & (text != 1) & (text != 2)
+        words = text_mask & (text != T.BOS) & (text != T.EOS)
         patches = torch.ones(v_out.shape[:2], dtype=torch.bool, device=v_out.device)
         patches[:, 0] = False
         dist = wpa_distance(t_out, v_out, words, patches, iterations=c.ipot_iterations)
