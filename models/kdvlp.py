@@ -20,7 +20,8 @@ external detector used ONLY at training time (its boxes, labels and features are
     ``box_labels[r]``; without ``label_text``, the region's own ``box_text`` stands for its label).
 * Phrase location: ``phrase_spans`` (B, R, 2) [start, end) token indices in ``text`` when given; otherwise the
   phrase's content tokens are searched in the caption (exact sub-sequence, else without its first token — BPE
-  often codes a word differently after a space); phrases not found are left out of PRA.
+  often codes a word differently after a space); phrases not found are left out of PRA. The search runs on
+  the host: pass ``phrase_spans`` to keep a GPU step free of that synchronisation.
 
 Batch keys: ``image``, ``text``, ``text_mask``, ``boxes``, ``box_valid``, ``box_labels`` (or ``box_label_probs``
 (B, R, C) with ``omvm_class_target="distribution"``), ``box_text``, ``box_text_mask``; optional ``region_features``
