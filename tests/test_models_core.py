@@ -133,6 +133,32 @@ def test_overfit_one_batch(tiny, name):
     assert min(losses[-3:]) < 0.6 * losses[0], f"{name}: {losses}"
 
 
+@pytest.mark.parametrize("name", ["coca-tiny", "xvlm-tiny"])
+def test_activation_checkpointing_changes_nothing(name):
+    torch.manual_seed(0)
+    plain = models.create(name)
+    ckpt = models.create(name, checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict())
+    batch = make_batch(plain.config, b=3)
+    results = []
+    for model in (plain, ckpt):
+        torch.manual_seed(1)
+        out = model(batch)
+        out["loss"].backward()
+        results.append((out["loss"].detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_wrong_image_size_is_a_clear_error(tiny):
+    model = tiny["coca-tiny"]
+    batch = make_batch(model.config)
+    batch["image"] = batch["image"][:, :, :32, :32]
+    with pytest.raises(ValueError, match="image"):
+        model(batch)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_missing_key_is_named(tiny, name):
     batch = make_batch(tiny[name].config)
