@@ -218,8 +218,10 @@ class VisualDictionary(nn.Module):
         self._synced = True
         if self._world() <= 1:
             return
-        flat = torch.cat([self.codebook.flatten(), self.ema_counts, self.ema_sums.flatten(),
-                          self.step.float().reshape(1), self.initialized.float().reshape(1)])
+        # float64: the fp32 state is exact in it, and so is the step count (beyond fp32's 2^24)
+        parts = (self.codebook.flatten(), self.ema_counts, self.ema_sums.flatten(), self.step.reshape(1),
+                 self.initialized.reshape(1))
+        flat = torch.cat([p.double() for p in parts])
         src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
         dist.broadcast(flat, src=src, group=self.group)
         k, d = self.num_codes, self.dim
