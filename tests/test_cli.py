@@ -143,12 +143,12 @@ def _real_tiny_models() -> list[str]:
 @pytest.mark.parametrize("name", _real_tiny_models())
 def test_every_registered_tiny_model_trains_and_evaluates(tmp_path, capsys, name):
     run = tmp_path / name
-    rc, text = _run(capsys, "pretrain", "--model", name, "--steps", "3", "--batch-size", "4", "--warmup", "1",
+    rc, text = _run(capsys, "pretrain", "--model", name, "--steps", "2", "--batch-size", "2", "--warmup", "1",
                     "--out-dir", str(run), "--eval", "off", "--quiet", "--device", "cpu")
     assert rc == 0
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["step"] == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
-    rc, text = _run(capsys, "eval", "--checkpoint", str(run), "--scenes", "6", "--zero-shot-images", "6",
+    assert records[-1]["step"] == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    rc, text = _run(capsys, "eval", "--checkpoint", str(run), "--scenes", "4", "--zero-shot-images", "4",
                     "--batch-size", "64")
     assert rc == 0
     ev = json.loads((run / "eval.json").read_text())

@@ -238,6 +238,9 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
 
+    own_switch = "checkpoint" in {f.name for f in dataclasses.fields(models.get_config(cfg.model))}
+    if own_switch:  # the model's own activation-checkpointing switch, where it has one
+        model_overrides = {**model_overrides, "checkpoint": bool(cfg.activation_checkpointing)}
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model, model_config = build_model(cfg.model, model_overrides)
     model_config["vocab_size"] = model_config.get("vocab_size", tokenizer.vocab_size)
@@ -248,7 +251,7 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
     model.to(device)
     if resumed is not None:
         model.load_state_dict(resumed["model_state"])
-    if cfg.activation_checkpointing:
+    if cfg.activation_checkpointing and not model_config.get("checkpoint", False):
         enable_activation_checkpointing(model)
     n_params = sum(p.numel() for p in model.parameters())
     train_model = distributed.wrap(model, info, cfg.dist)
