@@ -214,7 +214,8 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
     (Without DDP's averaging, e.g. a plain all_reduce sum of gradients, divide by W.) A rank may hold b_r = 0.
 
     Bad inputs raise ``TypeError``/``ValueError`` naming the argument; ranks that disagree on D or dtype all
-    raise ``ValueError`` (no hang). NaN or Inf in the embeddings or scale give a NaN loss (never a finite one).
+    raise ``ValueError`` (no hang). A NaN in the embeddings, scale or bias gives a NaN loss (never a finite
+    value); values are not inspected on the host (no device sync), so Inf inputs are not rejected.
     Never materialises b×B logits on the compiled backends.
     """
     rank, world, is_dist = vdist.world_info(group)
