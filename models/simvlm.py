@@ -10,6 +10,9 @@
   the loss covers the suffix text only (mean over suffix tokens of the batch).
 * Text-only batches (``lm_text`` / ``lm_text_mask``) train the same model with the same PrefixLM loss and no
   image tokens (Tp = p).
+* ``decoder_only=True``: the paper's alternative — one stack of encoder_depth + decoder_depth causal layers over
+  [image, text] with ``vlcore.attention``'s PrefixLM mask (``prefix_lens`` = Ti + p, padding by ``kv_lens``, the
+  2-D relative bias on the image grid: all three combined in one call); same loss, same decoding API.
 
 Sizes (ViT-B/L/H-shaped encoder and decoder): base 768 wide, 12 + 12 layers; large 1024, 24 + 24; huge 1280,
 32 + 32. The paper gives the widths; depths and the 32k vocabulary are this implementation's choice.
@@ -46,6 +49,7 @@ class SimVLMConfig:
     resnet_width: int = 64
     resnet_norm: str = "group"
     text_only_weight: float = 1.0  # weight of the PrefixLM loss on a text-only batch (``lm_text``)
+    decoder_only: bool = False  # one PrefixLM-masked stack instead of the encoder-decoder
     checkpoint: bool = False
 
 
@@ -67,12 +71,15 @@ class SimVLM(nn.Module):
         self.image_proj = nn.Linear(self.stem.out_channels, c.dim)
         self.image_pos = nn.Parameter(torch.zeros(1, self.num_image_tokens, c.dim))
         self.text_embed = TextEmbeddings(c.vocab_size, c.dim, c.max_text_len, segments=0, norm=False)
-        self.encoder = encoder(c.dim, c.encoder_depth, c.heads, c.mlp_ratio, rel_pos_grid=self.grid,
-                               checkpoint=c.checkpoint)
-        self.decoder = decoder(c.dim, c.decoder_depth, c.heads, c.mlp_ratio, cross=True, checkpoint=c.checkpoint)
-        init_weights(self.encoder)
-        init_weights(self.decoder)
-        init_weights(self.text_embed)
+        if c.decoder_only:
+            self.stack = decoder(c.dim, c.encoder_depth + c.decoder_depth, c.heads, c.mlp_ratio,
+                                 rel_pos_grid=self.grid, checkpoint=c.checkpoint)
+        else:
+            self.encoder = encoder(c.dim, c.encoder_depth, c.heads, c.mlp_ratio, rel_pos_grid=self.grid,
+                                   checkpoint=c.checkpoint)
+            self.decoder = decoder(c.dim, c.decoder_depth, c.heads, c.mlp_ratio, cross=True,
+                                   checkpoint=c.checkpoint)
+        init_weights(self)  # linear, embedding, LayerNorm (the stem's convolutions keep their He init)
         nn.init.trunc_normal_(self.image_pos, std=0.02)
 
     # ---- pieces -----------------------------------------------------------------------------------------
@@ -117,14 +124,23 @@ class SimVLM(nn.Module):
         prefix_lens = prefix_lens.to(device=text.device, dtype=torch.long)
         if text.device.type == "cpu" and bool(((prefix_lens < 1) | (prefix_lens >= lens)).any()):
             raise ValueError(f"SimVLM: prefix_lens must lie in [1, L-1]; got {prefix_lens.tolist()} for L={lens.tolist()}")
-        memory, memory_lens = self.encode(image, text, prefix_lens)
         suffix = lens - prefix_lens  # >= 1
         steps = torch.arange(int(suffix.max()), device=text.device)
-        pos = prefix_lens[:, None] - 1 + steps  # decoder input = text[p-1 : L-1], at its text positions
+        pos = prefix_lens[:, None] - 1 + steps  # predict text[p : L] from text[p-1 : L-1]
         last = text.shape[1] - 1
-        dec_in = text.gather(1, pos.clamp(max=last))
         targets = text.gather(1, (pos + 1).clamp(max=last))
         targets = torch.where(steps < suffix[:, None], targets, torch.full_like(targets, IGNORE))
+        if self.config.decoder_only:
+            n_img = 0 if image is None else self.num_image_tokens
+            x = self.text_embed(text)
+            if image is not None:
+                x = torch.cat([self.image_tokens(image), x], dim=1)
+            hidden = self.stack(x, prefix_lens=(n_img + prefix_lens).to(torch.int32),
+                                kv_lens=(n_img + lens).to(torch.int32), rel_pos_start=0, use_rel_pos=image is not None)
+            at = (n_img + pos).clamp(max=hidden.shape[1] - 1)
+            return self.logits(hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))), targets
+        memory, memory_lens = self.encode(image, text, prefix_lens)
+        dec_in = text.gather(1, pos.clamp(max=last))  # the decoder reads text[p-1 : L-1] at its text positions
         logits = self.decode_logits(dec_in, pos.clamp(max=self.config.max_text_len - 1), memory, memory_lens)
         return logits, targets
 
@@ -162,6 +178,8 @@ class SimVLM(nn.Module):
         start = generation_prompt("SimVLM", prompt, image.shape[0], image.device)
         p = start.shape[1]
         max_new_tokens = min(max_new_tokens, self.config.max_text_len - p)
+        if self.config.decoder_only:
+            return self._generate_decoder_only(image, start, max_new_tokens, strategy, use_cache, options)
         memory, memory_lens = self.encode(image, start, torch.full((image.shape[0],), p, device=image.device))
 
         def run(tokens, offset, ctx, cache):
@@ -172,6 +190,23 @@ class SimVLM(nn.Module):
         cache = self.decoder.new_cache(max_new_tokens + 1) if use_cache else None
         state = DecodingState(run, {"memory": memory, "memory_lens": memory_lens}, cache)
         return decode(state, start[:, -1:], max_new_tokens, strategy, **options)
+
+    def _generate_decoder_only(self, image, start, max_new_tokens, strategy, use_cache, options):
+        n_img, p = self.num_image_tokens, start.shape[1]
+
+        def run(tokens, offset, ctx, cache):
+            x = self.text_embed(tokens, positions=offset + torch.arange(tokens.shape[1], device=tokens.device))
+            if offset == 0:  # image + BOS + prompt: the bidirectional prefix (with the cache: filled once)
+                x = torch.cat([ctx["image"], x], dim=1)
+                lens = torch.full((x.shape[0],), n_img + p, dtype=torch.int32, device=x.device)
+                hidden = self.stack(x, prefix_lens=lens, rel_pos_start=0, cache=cache)
+            else:  # new text tokens: causal over everything cached (no image query: no 2-D bias)
+                hidden = self.stack(x, use_rel_pos=False, cache=cache)
+            return self.logits(hidden)
+
+        cache = self.stack.new_cache(n_img + p + max_new_tokens) if use_cache else None
+        state = DecodingState(run, {"image": self.image_tokens(image)}, cache)
+        return decode(state, start, max_new_tokens, strategy, **options)
 
 
 def build(config: SimVLMConfig) -> SimVLM:

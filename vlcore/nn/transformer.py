@@ -118,11 +118,12 @@ def encoder(dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, *, cross: 
 
 
 def decoder(dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, *, cross: bool = False,
-            context_dim: int | None = None, final_norm: bool = True, checkpoint: bool = False,
-            backend: str | None = None) -> TransformerStack:
-    """A stack of causal :class:`DecoderLayer` (with cross-attention when ``cross``)."""
-    layers = [DecoderLayer(dim, heads, mlp_ratio, cross=cross, context_dim=context_dim, backend=backend)
-              for _ in range(depth)]
+            context_dim: int | None = None, rel_pos_grid: tuple[int, int] | None = None, final_norm: bool = True,
+            checkpoint: bool = False, backend: str | None = None) -> TransformerStack:
+    """A stack of causal :class:`DecoderLayer` (with cross-attention when ``cross``; passing ``prefix_lens``
+    turns the causal mask into a PrefixLM mask)."""
+    layers = [DecoderLayer(dim, heads, mlp_ratio, cross=cross, context_dim=context_dim, rel_pos_grid=rel_pos_grid,
+                           backend=backend) for _ in range(depth)]
     return TransformerStack(layers, dim, final_norm=final_norm, checkpoint=checkpoint)
 
 
