@@ -112,7 +112,7 @@ dispatch.register(dispatch.Backend(
 dispatch.register(dispatch.Backend(
     op=OP, name=dispatch.CUDA, devices=("cuda",), dtypes=_LOWP, priority=10, load=_CudaBackend,
     requires=lambda: dispatch.cuda_ext_missing("vq_nearest"),
-    description="csrc/vq.cu: warp-level argmin, sorted segmented statistics (deterministic)",
+    description="csrc/vq.cu: WMMA (16-bit l2) or fp32-FMA tiles, warp-level argmin, sorted deterministic statistics",
 ))
 
 
