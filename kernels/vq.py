@@ -71,7 +71,9 @@ def _nearest_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, dist_ptr, n_rows, n_codes, 
             xt = tl.load(x_ptr + rows64[:, None] * sx + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             acc = tl.dot(xt.to(et.dtype), et, acc, input_precision=PRECISION)
         e_sq = tl.load(e_sq_ptr + cols, mask=col_ok, other=0.0)
-        scores = e_sq[None, :] - 2.0 * (acc * scale[:, None])
+        if COSINE:
+            acc = acc * scale[:, None]
+        scores = e_sq[None, :] - 2.0 * acc
         scores = tl.where(col_ok[None, :], scores, float("inf"))
         tile_best = tl.min(scores, axis=1)
         tile_idx = tl.argmin(scores, axis=1) + k0
