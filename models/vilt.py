@@ -15,7 +15,7 @@
 * Parameter count: ``vilt-b32`` = 87.4M in the paper = the 12-layer Transformer (85.05M) + the 32x32 patch
   projection (2.36M). The full module adds the position/type embeddings, the pooler, the heads and the
   vocabulary-sized tensors (word embeddings 23.4M, tied MLM decoder bias); ``backbone_parameter_count()``
-  counts everything but the vocabulary-sized tensors (88.8M, +1.6 %).
+  counts everything but the vocabulary-sized tensors (88.7M, +1.5 %).
 
 Batch keys: ``image``, ``text``, ``text_mask``; optional ``word_ids`` (B, T) long (tokens of one word share an
 id) for whole-word masking. Provides ``score`` (ITM logit), ``joint_embedding`` (pooler, for the VQA / VE /

@@ -3,7 +3,7 @@
 B0 layout (expansion, kernel, stride, channels, repeats) scaled by a width multiplier (channels, rounded to
 multiples of 8) and a depth multiplier (repeats, rounded up): B7 = (2.0, 3.1), L2 = (4.3, 5.3). Each MBConv
 block: 1x1 expand -> depthwise kxk (stride) -> squeeze-and-excitation (ratio 0.25 of the block input) -> 1x1
-project, BatchNorm + SiLU, identity shortcut with stochastic depth when the shape is kept. The 1x1 head conv
+project, BatchNorm (PyTorch momentum 0.1, so short runs evaluate well) + SiLU, identity shortcut with stochastic depth when the shape is kept. The 1x1 head conv
 maps to ``out_dim`` channels (ALIGN: global average pooling of this map is the image embedding).
 
 forward(image (B, 3, S, S)) -> (B, out_dim, S/32, S/32) feature map (any S; "same"-style padding).
@@ -29,7 +29,7 @@ def round_filters(channels: int, width: float, divisor: int = 8) -> int:
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
     layers = [nn.Conv2d(cin, cout, k, stride, padding=k // 2, groups=groups, bias=False),
-              nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01)]
+              nn.BatchNorm2d(cout, eps=1e-3)]
     if act:
         layers.append(nn.SiLU(inplace=True))
     return nn.Sequential(*layers)
