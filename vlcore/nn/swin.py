@@ -10,7 +10,8 @@ window, so attention inside it is exactly window attention restricted to the reg
 the centre ((2h-1)(2w-1), H) slice of the layer's table. Regions of equal shape are folded into the batch
 together: a shifted layer makes one call per region shape — 4 when the window is even (shift = ws / 2:
 (ws, ws), (ws, s), (s, ws), (s, s)), at most 9 otherwise — exact (no -100 approximation), no N x N bias. The roll itself is folded into the token permutation that
-gathers the regions, so no ``torch.roll`` runs either.
+gathers the regions, so no ``torch.roll`` runs either. A map that the window does not divide gets partial
+windows at its border (Swin pads the map with zero tokens instead); Swin-B's 56/28/14/7 maps never need it.
 """
 
 from __future__ import annotations
