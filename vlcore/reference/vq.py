@@ -11,6 +11,9 @@ Nearest entry (the op ``vlcore.vq_nearest``)::
 * ``distance="cosine"``: x and e are L2-normalised (``F.normalize``, eps 1e-12) and d is the squared L2 distance
   between the normalised vectors (= 2 - 2 cos for non-zero vectors).
 * Computed as ||x||^2 - 2 x.e + ||e||^2 in row chunks (bounded memory); d is clamped at 0.
+* Ties: equal computed scores go to the lowest j. Exact ties (duplicate or equidistant entries) are equal
+  scores whenever the dot products are exact — e.g. zero entries, or small-integer data as in the tests; for
+  other duplicates a BLAS may round the same dot product differently in different columns.
 
 Statistics: counts_j = #{i : h_i = j}, sums_j = sum_{i : h_i = j} x_i, both fp32, by scatter-add (no N x K
 one-hot as in SOHO's release).
