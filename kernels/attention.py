@@ -271,9 +271,14 @@ def _dtable_tile(ds, start_m, start_n, offs_m, offs_n, DTab_row, GH, GW, REL_STA
     ok_left = (dx != 0) & (dy + 1 > -GH) & (dy + 1 < GH) & (offs_e < BLOCK_M + BLOCK_N - 1)
     r_right = (dy + GH - 1) * (2 * GW - 1) + dx + GW - 1
     r_left = r_right + (2 * GW - 1) - GW  # (dy + 1, dx - GW)
-    tl.debug_barrier()  # the previous tile's read-modify-write of this row is visible to every thread
-    tl.store(DTab_row + r_right, tl.load(DTab_row + r_right, mask=ok_right, other=0.0) + sum_right, mask=ok_right)
-    tl.store(DTab_row + r_left, tl.load(DTab_row + r_left, mask=ok_left, other=0.0) + sum_left, mask=ok_left)
+    # Read-modify-write of the program's own row. The sums may be replicated over threads (a reduced layout):
+    # every thread reads before any thread writes, so duplicates store the same value and nothing is added twice.
+    tl.debug_barrier()  # the previous tile's stores are visible to every thread of the program
+    old_right = tl.load(DTab_row + r_right, mask=ok_right, other=0.0)
+    old_left = tl.load(DTab_row + r_left, mask=ok_left, other=0.0)
+    tl.debug_barrier()
+    tl.store(DTab_row + r_right, old_right + sum_right, mask=ok_right)
+    tl.store(DTab_row + r_left, old_left + sum_left, mask=ok_left)
 
 
 @triton.jit
@@ -505,13 +510,12 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
         BLOCK_M=d_blk)
 
     _, dkdv_kernel, dq_kernel = _tuned()
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # gradients take their input's layout (as the registered op's fake does); the kernels take any strides
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     table_size = table.shape[0] if table is not None else 0
-    # (programs, table) partial sums of dtable; the largest key-block count any config can launch
+    # (programs, table) partial sums of dtable (each program zeroes its row); sized for the smallest BLOCK_N
     max_key_blocks = triton.cdiv(nk, min(c.kwargs["BLOCK_N"] for c in dkdv_kernel.configs))
-    dtab = torch.zeros((batch * heads * max_key_blocks, table_size) if table is not None else (0,),
+    dtab = torch.empty((batch * heads * max_key_blocks, table_size) if table is not None else (0,),
                        dtype=torch.float32, device=q.device)
     used_blocks = {}
 
