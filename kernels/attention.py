@@ -403,23 +403,25 @@ def _dq_tile(q, do, lse, delta, dq, start_n, k_base, v_base, stride_kn, stride_v
 def _dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, PrefixLens, KvLens, Table,
                stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                stride_db, stride_dn, stride_dh, stride_dqb, stride_dqn, stride_dqh, stride_tr, stride_th,
-               H, NQ, NK, BATCH_PER_PROGRAM, qk_scale, scale, GH, GW, REL_START,
+               H, NQ, NK, BATCH, CHUNK, qk_scale, scale, GH, GW, REL_START,
                N_BUCKET: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (query block, q batch, head); shared queries (BATCH_PER_PROGRAM = B) sum the batch in
-    a fixed order in registers."""
+    """One program per (query block, chunk of CHUNK samples, head), writing DQ[chunk]. Own queries: CHUNK = 1.
+    Shared queries: the chunk's samples are summed in a fixed order in registers; with several chunks DQ is an
+    fp32 (chunks, Nq, H, D) buffer the launcher sums in a fixed order (split over the batch: more programs
+    when Nq·H is small, as for attention pooling, and still deterministic)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    bq = pid_bh // H
+    chunk = pid_bh // H
     h = pid_bh % H
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
-    q = _load2d(Q + bq.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+    q = _load2d(Q + tl.cast(chunk, tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
                 offs_m, NQ, offs_d, HEAD_DIM, D_PAD, True)
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    for b in range(bq * BATCH_PER_PROGRAM, (bq + 1) * BATCH_PER_PROGRAM):
+    for b in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, BATCH)):
         do = _load2d(DOut + tl.cast(b, tl.int64) * stride_db + h * stride_dh + offs_m[:, None] * stride_dn
                      + offs_d[None, :], offs_m, NQ, offs_d, HEAD_DIM, D_PAD, True)
         lse, delta = _load_row_stats(Lse, Delta, tl.cast(b * H + h, tl.int64) * NQ, offs_m, NQ)
@@ -435,7 +437,7 @@ def _dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, PrefixLens, KvLens, Table,
             dq = _dq_tile(q, do, lse, delta, dq, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, NQ,
                           NK, kv_len, prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
                           HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True, BLOCK_N, DOT_PRECISION)
-    dq_ptrs = DQ + bq.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
+    dq_ptrs = DQ + tl.cast(chunk, tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < NQ)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
@@ -479,6 +481,21 @@ def _common(q, k, prefix_lens, kv_lens, causal, table, grid, start):
 def _q_strides(q, batch):
     """q of batch 1 with k/v of batch B is one query set shared by the batch: batch stride 0."""
     return (0 if q.shape[0] != batch else q.stride(0)), q.stride(1), q.stride(2)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _batch_chunks(batch: int, nq: int, heads: int, device: torch.device) -> tuple[int, int]:
+    """(samples per chunk, chunks) for the shared-query dq: enough programs to fill the GPU (two per SM)."""
+    if device.type != "cuda":  # interpreter: two chunks, so that the tests run the split path
+        wanted = 2
+    else:
+        wanted = max(1, 2 * _sm_count(device.index or 0) // (triton.cdiv(nq, 64) * heads))
+    chunk = triton.cdiv(batch, min(batch, wanted))
+    return chunk, triton.cdiv(batch, chunk)
 
 
 def attention_fwd(q, k, v, causal=False, prefix_lens=None, kv_lens=None, table=None, grid=None, start=0, scale=None):
@@ -527,11 +544,15 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
                            *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
                            *dk.stride()[:3], *dv.stride()[:3], *tstr, heads, nq, nk, scale * LOG2E, scale,
                            gh, gw, s, table_size, **meta)
-    shared = q.shape[0] != batch
-    dq_kernel[lambda m: (triton.cdiv(nq, m["BLOCK_M"]), q.shape[0] * heads)](
-        q, k, v, dout, lse, delta, dq, plens, klens, tab, *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3],
-        *dout.stride()[:3], *dq.stride()[:3], *tstr, heads, nq, nk, batch if shared else 1, scale * LOG2E, scale,
-        gh, gw, s, **meta)
+    chunk, n_chunks = (_batch_chunks(batch, nq, heads, q.device) if q.shape[0] != batch else (1, batch))
+    dq_out = dq if n_chunks == q.shape[0] else torch.empty((n_chunks, *q.shape[1:]), dtype=torch.float32,
+                                                             device=q.device)
+    dq_kernel[lambda m: (triton.cdiv(nq, m["BLOCK_M"]), n_chunks * heads)](
+        q, k, v, dout, lse, delta, dq_out, plens, klens, tab, *_q_strides(q, batch), *k.stride()[:3],
+        *v.stride()[:3], *dout.stride()[:3], *dq_out.stride()[:3], *tstr, heads, nq, nk, batch, chunk,
+        scale * LOG2E, scale, gh, gw, s, **meta)
+    if dq_out is not dq:
+        dq.copy_(dq_out.sum(0, keepdim=True))  # fixed-order reduction over the chunks: deterministic
     dtable = None
     if table is not None:
         n_used = used_blocks["n"]
