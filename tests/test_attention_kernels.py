@@ -128,14 +128,17 @@ def test_lse_and_empty_rows():
 
 
 def test_no_nq_by_nk_allocation():
+    """Forward and backward launchers allocate nothing of size Nq×Nk (tracked on the launchers themselves: a
+    dispatch mode sees a custom op only from outside)."""
+    from vlcore.kernels import attention as kernels
+
     nq, nk = 130, 97
-    q = torch.randn(1, nq, 1, 32, requires_grad=True)
-    k = torch.randn(1, nk, 1, 32, requires_grad=True)
-    v = torch.randn(1, nk, 1, 32, requires_grad=True)
+    q, k, v = torch.randn(1, nq, 1, 32), torch.randn(1, nk, 1, 32), torch.randn(1, nk, 1, 32)
+    mask = {"prefix_lens": torch.tensor([40]), "kv_lens": torch.tensor([90])}
     with track_allocations() as tracker:
-        out = vlcore.attention(q, k, v, prefix_lens=torch.tensor([40]), backend="triton")
-        out.backward(torch.randn_like(out))
-    assert tracker.largest_bytes < nq * nk * 4, (tracker.largest_bytes, tracker.largest_shape)
+        out, lse = kernels.attention_fwd(q, k, v, **mask)
+        kernels.attention_bwd(torch.randn_like(out), q, k, v, out, lse, **mask)
+    assert 0 < tracker.largest_bytes < nq * nk * 4, (tracker.largest_bytes, tracker.largest_shape)
 
 
 def test_backward_is_deterministic():

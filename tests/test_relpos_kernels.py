@@ -97,7 +97,7 @@ def test_timm_table_matches_dense_bias(grid, dtype):
         dense, inputs, dtype=dtype)
 
 
-def test_dtable_is_deterministic_and_no_n_by_n():
+def test_dtable_is_deterministic():
     dev = _device()
     q = torch.randn(3, 60, 2, 32, device=dev, requires_grad=True)
     k = torch.randn(3, 60, 2, 32, device=dev, requires_grad=True)
@@ -106,13 +106,25 @@ def test_dtable_is_deterministic_and_no_n_by_n():
     kw = {"rel_pos_table": table, "rel_pos_grid": (7, 7), "rel_pos_start": 0, "backend": "triton",
           "prefix_lens": torch.tensor([55, 49, 60], device=dev)}
     dout = torch.randn(3, 60, 2, 32, device=dev)
-    with track_allocations() as tracker:
-        runs = [torch.autograd.grad(vlcore.attention(q, k, v, **kw), (q, k, v, table), dout) for _ in range(2)]
+    runs = [torch.autograd.grad(vlcore.attention(q, k, v, **kw), (q, k, v, table), dout) for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-    # the largest buffers are the (B, N, H, D) inputs' gradients, far below the (B, H, N, N) scores
-    assert tracker.largest_bytes <= 3 * 60 * 2 * 32 * 4 < 3 * 2 * 60 * 60 * 4, (tracker.largest_bytes,
-                                                                               tracker.largest_shape)
+
+
+def test_relpos_allocates_no_n_by_n():
+    """The launchers (tracked directly: a dispatch mode sees a custom op only from outside) allocate at most the
+    (programs, table) dtable partials, far below one sample-head's N×N scores."""
+    from vlcore.kernels import attention as kernels
+
+    n, grid = 99, (9, 11)
+    q, k, v = torch.randn(1, n, 1, 16), torch.randn(1, n, 1, 16), torch.randn(1, n, 1, 16)
+    table = torch.randn(17 * 21, 1)
+    bias = {"table": table, "grid": grid, "start": 0}
+    with track_allocations() as tracker:
+        out, lse = kernels.attention_fwd(q, k, v, **bias)
+        _, _, _, dtable = kernels.attention_bwd(torch.randn_like(out), q, k, v, out, lse, **bias)
+    assert dtable.shape == table.shape
+    assert 0 < tracker.largest_bytes < n * n * 4, (tracker.largest_bytes, tracker.largest_shape)
 
 
 def test_table_shape_is_checked():
