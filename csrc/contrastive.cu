@@ -6,8 +6,8 @@
 //
 //   forward   one block per 32 rows, loops over 32-column tiles; each warp owns 4 rows and keeps their online
 //             log-sum-exp (InfoNCE) or softplus sum (SigLIP) in registers, reducing a tile row with shuffles.
-//   dx        one block per (32 rows, 64-wide chunk of D), loops over column tiles: dx = s * G * y.
-//   dy        one block per (32 columns, 64-wide chunk of D), loops over row tiles: dy = s * G^T * x.
+//   dx        one block per (32 rows, 128-wide chunk of D), loops over column tiles: dx = s * G * y.
+//   dy        one block per (32 columns, 128-wide chunk of D), loops over row tiles: dy = s * G^T * x.
 //   dscale, dbias: per-row-block partial sums from the dx blocks of the first D chunk, reduced in a fixed
 //             order in shared memory; the host sums the partials (no atomics: deterministic).
 #include <cuda_bf16.h>
@@ -24,7 +24,9 @@ namespace {
 
 constexpr int kTile = 32;      // rows and columns of a logits tile
 constexpr int kTileK = 32;     // D step of the logits product
-constexpr int kChunkD = 64;    // D columns of the gradient accumulated by one block
+constexpr int kChunkD = 128;   // D columns of the gradient accumulated by one block (larger D: more blocks,
+                               // each recomputing the logits)
+constexpr int kPerThread = kChunkD / 8;  // accumulators per thread: 8 threads share a row (or column)
 constexpr int kThreads = 256;  // 8 warps
 constexpr int kPad = kTile + 1;
 
@@ -202,7 +204,7 @@ __global__ void __launch_bounds__(kThreads) dx_kernel(const T* __restrict__ x, c
     row_drow[t] = row < p.rows ? drow[row] : 0.f;
   }
   __syncthreads();
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  float acc[kPerThread] = {};
   float dscale = 0.f, dbias = 0.f;
   for (int64_t col0 = 0; col0 < p.cols; col0 += kTile) {
     dots_tile(x, y, p, row0, col0, xs, ys, g);
@@ -225,13 +227,13 @@ __global__ void __launch_bounds__(kThreads) dx_kernel(const T* __restrict__ x, c
     for (int c = 0; c < kTile; ++c) {
       const float gv = g[r][c];
 #pragma unroll
-      for (int q = 0; q < 8; ++q) acc[q] = fmaf(gv, yd[c][(t & 7) + 8 * q], acc[q]);
+      for (int q = 0; q < kPerThread; ++q) acc[q] = fmaf(gv, yd[c][(t & 7) + 8 * q], acc[q]);
     }
     __syncthreads();
   }
   const int64_t row = row0 + r;
 #pragma unroll
-  for (int q = 0; q < 8; ++q) {
+  for (int q = 0; q < kPerThread; ++q) {
     const int64_t d = d0 + (t & 7) + 8 * q;
     if (row < p.rows && d < p.dim) dx[row * sdx0 + d] = from_float<T>(acc[q] * p.scale);
   }
@@ -260,7 +262,7 @@ __global__ void __launch_bounds__(kThreads) dy_kernel(const T* __restrict__ x, c
   const int t = threadIdx.x, c_own = t >> 3;
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kChunkD;
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  float acc[kPerThread] = {};
   for (int64_t row0 = 0; row0 < p.rows; row0 += kTile) {
     dots_tile(x, y, p, row0, col0, xs, ys, g);
     const int r = t >> 3;
@@ -282,13 +284,13 @@ __global__ void __launch_bounds__(kThreads) dy_kernel(const T* __restrict__ x, c
     for (int rr = 0; rr < kTile; ++rr) {
       const float gv = g[rr][c_own];
 #pragma unroll
-      for (int q = 0; q < 8; ++q) acc[q] = fmaf(gv, xd[rr][(t & 7) + 8 * q], acc[q]);
+      for (int q = 0; q < kPerThread; ++q) acc[q] = fmaf(gv, xd[rr][(t & 7) + 8 * q], acc[q]);
     }
     __syncthreads();
   }
   const int64_t col = col0 + c_own;
 #pragma unroll
-  for (int q = 0; q < 8; ++q) {
+  for (int q = 0; q < kPerThread; ++q) {
     const int64_t d = d0 + (t & 7) + 8 * q;
     if (col < p.cols && d < p.dim) dy[col * sdy0 + d] = from_float<T>(acc[q] * p.scale);
   }
