@@ -67,15 +67,17 @@ def _configs(shapes, interpret_shape, skew=False):
 
 # (BLOCK_M, BLOCK_N, warps, stages): H100/H200 favour 128×64/128 tiles with 8 warps and 3–4 stages at D=128;
 # A100 and small head dims favour 128×32/64 with 4 warps; short sequences favour 64-row blocks (more programs).
+# Few queries (attention pooling: n_query = 1 .. 32) get 16/32-row blocks: the work is reading K and V.
 _FWD_SHAPES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3),
-               (64, 128, 8, 3), (64, 32, 4, 4), (128, 64, 8, 4)]
+               (64, 128, 8, 3), (64, 32, 4, 4), (128, 64, 8, 4),
+               (16, 64, 4, 3), (16, 128, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3)]
 # dK/dV: BLOCK_N keys per program, loops over BLOCK_M query rows.
 _DKDV_SHAPES = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3),
-                (32, 32, 4, 2), (64, 64, 8, 2)]
+                (32, 32, 4, 2), (64, 64, 8, 2), (16, 64, 4, 2), (16, 128, 4, 2)]
 # dQ: BLOCK_M rows per program, loops over BLOCK_N keys.
 _DQ_SHAPES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),
-              (64, 128, 8, 2), (32, 32, 4, 2)]
-_KEY = ["D_PAD", "N_BUCKET", "CAUSAL", "HAS_BIAS"]
+              (64, 128, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (16, 128, 4, 2), (32, 64, 4, 2)]
+_KEY = ["D_PAD", "N_BUCKET", "Q_BUCKET", "CAUSAL", "HAS_BIAS"]
 _INTERPRET_BLOCKS = (32, 32)
 
 
@@ -176,8 +178,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, PrefixLens, KvLens, Table,
                 stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                 stride_ob, stride_on, stride_oh, stride_tr, stride_th,
                 H, NQ, NK, qk_scale, GH, GW, REL_START,
-                N_BUCKET: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                N_BUCKET: tl.constexpr, Q_BUCKET: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -313,8 +315,8 @@ def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, D
                  stride_db, stride_dn, stride_dh, stride_dkb, stride_dkn, stride_dkh,
                  stride_dvb, stride_dvn, stride_dvh, stride_tr, stride_th,
                  H, NQ, NK, qk_scale, scale, GH, GW, REL_START, TABLE_SIZE,
-                 N_BUCKET: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-                 HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 N_BUCKET: tl.constexpr, Q_BUCKET: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKEW_W: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -404,8 +406,8 @@ def _dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, PrefixLens, KvLens, Table,
                stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                stride_db, stride_dn, stride_dh, stride_dqb, stride_dqn, stride_dqh, stride_tr, stride_th,
                H, NQ, NK, BATCH, CHUNK, qk_scale, scale, GH, GW, REL_START,
-               N_BUCKET: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+               N_BUCKET: tl.constexpr, Q_BUCKET: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query block, chunk of CHUNK samples, head), writing DQ[chunk]. Own queries: CHUNK = 1.
     Shared queries: the chunk's samples are summed in a fixed order in registers; with several chunks DQ is an
@@ -443,21 +445,31 @@ def _dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, PrefixLens, KvLens, Table,
 
 # ---- autotuned entry points (built lazily: the interpreter decision is read at import) -----------------
 
-def _prune_dkdv(configs, named_args, **kwargs):
-    """With a rel-pos table the dtable skew's gather grows with BLOCK_M + BLOCK_N (compile time and registers):
-    keep the tiles whose diagonals fit in 128 lanes."""
-    if kwargs.get("HAS_BIAS", named_args.get("HAS_BIAS", False)) and not _INTERPRET:
-        small = [c for c in configs if c.kwargs["SKEW_W"] <= 128]
-        return small or configs
-    return configs
+def _pruner(min_rows: int, bias_limit: bool = False):
+    """Keep the row-block sizes that fit the number of queries: <= Q_BUCKET rows for few queries, >= min_rows
+    otherwise. With a rel-pos table (dK/dV kernel) the dtable skew's gather grows with BLOCK_M + BLOCK_N (compile
+    time and registers): keep the tiles whose diagonals fit in 128 lanes."""
+    def prune(configs, named_args, **kwargs):
+        get = lambda name, default: kwargs.get(name, named_args.get(name, default))
+        q_bucket = get("Q_BUCKET", 128)
+        if q_bucket <= 32:
+            kept = [c for c in configs if c.kwargs["BLOCK_M"] <= q_bucket]
+        else:
+            kept = [c for c in configs if c.kwargs["BLOCK_M"] >= min_rows]
+        if bias_limit and get("HAS_BIAS", False):
+            kept = [c for c in kept if c.kwargs["SKEW_W"] <= 128]
+        return kept or configs
+    return prune
 
 
 @functools.cache
 def _tuned():
-    fwd = triton.autotune(_configs(_FWD_SHAPES, _INTERPRET_BLOCKS), key=_KEY)(_fwd_kernel)
+    fwd = triton.autotune(_configs(_FWD_SHAPES, _INTERPRET_BLOCKS), key=_KEY,
+                          prune_configs_by={"early_config_prune": _pruner(64)})(_fwd_kernel)
     dkdv = triton.autotune(_configs(_DKDV_SHAPES, _INTERPRET_BLOCKS, skew=True), key=_KEY,
-                           prune_configs_by={"early_config_prune": _prune_dkdv})(_dkdv_kernel)
-    dq = triton.autotune(_configs(_DQ_SHAPES, _INTERPRET_BLOCKS), key=_KEY)(_dq_kernel)
+                           prune_configs_by={"early_config_prune": _pruner(32, bias_limit=True)})(_dkdv_kernel)
+    dq = triton.autotune(_configs(_DQ_SHAPES, _INTERPRET_BLOCKS), key=_KEY,
+                         prune_configs_by={"early_config_prune": _pruner(64)})(_dq_kernel)
     return fwd, dkdv, dq
 
 
@@ -469,7 +481,8 @@ def _common(q, k, prefix_lens, kv_lens, causal, table, grid, start):
     lens = lambda t: t.to(torch.int32) if t is not None else torch.empty(0, dtype=torch.int32, device=k.device)
     has_bias = table is not None
     gh, gw = grid if has_bias else (1, 1)
-    meta = dict(N_BUCKET=_seq_bucket(max(q.shape[1], nk)), HEAD_DIM=dim, D_PAD=d_pad,
+    q_bucket = min(max(triton.next_power_of_2(q.shape[1]), 16), 128)
+    meta = dict(N_BUCKET=_seq_bucket(max(q.shape[1], nk)), Q_BUCKET=q_bucket, HEAD_DIM=dim, D_PAD=d_pad,
                 CAUSAL=bool(causal or prefix_lens is not None), HAS_PREFIX=prefix_lens is not None,
                 HAS_KVLEN=kv_lens is not None, HAS_BIAS=has_bias,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
