@@ -176,8 +176,8 @@ def _fwd_tile(q, m_i, l_i, acc, start_n, k_base, v_base, stride_kn, stride_vn, o
 @triton.jit
 def _fwd_kernel(Q, K, V, Out, Lse, PrefixLens, KvLens, Table,
                 stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-                stride_ob, stride_on, stride_oh, stride_tr, stride_th,
-                H, NQ, NK, qk_scale, GH, GW, REL_START,
+                stride_os, stride_ob, stride_on, stride_oh, stride_ls, stride_tr, stride_th,
+                H, NQ, NK, SPLITS, qk_scale, GH, GW, REL_START,
                 N_BUCKET: tl.constexpr, Q_BUCKET: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -194,15 +194,20 @@ def _fwd_kernel(Q, K, V, Out, Lse, PrefixLens, KvLens, Table,
     v_base = V + tl.cast(b, tl.int64) * stride_vb + h * stride_vh
     kv_len, prefix = _lens(b, NK, PrefixLens, KvLens, HAS_PREFIX, HAS_KVLEN)
     dense_end, hi = _key_range(start_m, NQ, NK, kv_len, prefix, CAUSAL, BLOCK_M, BLOCK_N)
+    # split-K (few queries, few programs): this program covers keys [lo, up) only, whole tiles
+    split = tl.program_id(2)
+    keys_per_split = tl.cdiv(tl.cdiv(NK, SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * keys_per_split
+    up = lo + keys_per_split
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    for start_n in range(0, dense_end, BLOCK_N):
+    for start_n in range(lo, tl.minimum(dense_end, up), BLOCK_N):
         m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                                   NQ, NK, kv_len, prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
                                   REL_START, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, False, BLOCK_N, DOT_PRECISION)
-    for start_n in range(dense_end, hi, BLOCK_N):
+    for start_n in range(tl.maximum(dense_end, lo), tl.minimum(hi, up), BLOCK_N):
         m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                                   NQ, NK, kv_len, prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
                                   REL_START, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True, BLOCK_N, DOT_PRECISION)
@@ -212,9 +217,10 @@ def _fwd_kernel(Q, K, V, Out, Lse, PrefixLens, KvLens, Table,
     out = acc / l_safe[:, None]  # rows that saw nothing have acc = 0: output 0, not NaN
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     row_ok = offs_m < NQ
-    o_ptrs = Out + tl.cast(b, tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    o_ptrs = (Out + tl.cast(split, tl.int64) * stride_os + tl.cast(b, tl.int64) * stride_ob + h * stride_oh
+              + offs_m[:, None] * stride_on + offs_d[None, :])
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
-    tl.store(Lse + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=row_ok)
+    tl.store(Lse + tl.cast(split, tl.int64) * stride_ls + pid_bh.to(tl.int64) * NQ + offs_m, lse, mask=row_ok)
 
 
 # ---- backward ------------------------------------------------------------------------------------------
@@ -511,19 +517,44 @@ def _batch_chunks(batch: int, nq: int, heads: int, device: torch.device) -> tupl
     return chunk, triton.cdiv(batch, chunk)
 
 
+def _key_splits(batch: int, nq: int, nk: int, heads: int, device: torch.device) -> int:
+    """Split-K for the forward when a few queries (attention pooling, n_query <= 16) give too few programs to
+    fill the GPU: each program then reads a slice of K and V (the op is bandwidth bound)."""
+    if nq > 16:
+        return 1
+    if device.type != "cuda":  # interpreter: two splits once there are two key tiles, so that tests run the path
+        return 2 if nk > _INTERPRET_BLOCKS[1] else 1
+    programs, sms = batch * heads * triton.cdiv(nq, 16), _sm_count(device.index or 0)
+    if programs >= sms or nk < 512:
+        return 1
+    return min(triton.cdiv(2 * sms, programs), triton.cdiv(nk, 256))
+
+
 def attention_fwd(q, k, v, causal=False, prefix_lens=None, kv_lens=None, table=None, grid=None, start=0, scale=None):
     """(out (B, Nq, H, D) in q's dtype, lse (B, H, Nq) fp32, natural log; -inf for rows that see no key)."""
     batch, nk, heads, dim = k.shape
     nq = q.shape[1]
     scale = dim ** -0.5 if scale is None else scale
     meta, plens, klens, tab, tstr, (gh, gw, s) = _common(q, k, prefix_lens, kv_lens, causal, table, grid, start)
-    out = torch.empty((batch, nq, heads, dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
+    splits = _key_splits(batch, nq, nk, heads, q.device)
+    if splits == 1:
+        out = torch.empty((1, batch, nq, heads, dim), dtype=q.dtype, device=q.device)
+        lse = torch.empty((1, batch, heads, nq), dtype=torch.float32, device=q.device)
+    else:  # per-split normalised outputs and lse, merged below
+        out = torch.empty((splits, batch, nq, heads, dim), dtype=torch.float32, device=q.device)
+        lse = torch.empty((splits, batch, heads, nq), dtype=torch.float32, device=q.device)
     fwd, _, _ = _tuned()
-    launch = lambda m: (triton.cdiv(nq, m["BLOCK_M"]), batch * heads)
+    launch = lambda m: (triton.cdiv(nq, m["BLOCK_M"]), batch * heads, splits)
     fwd[launch](q, k, v, out, lse, plens, klens, tab, *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3],
-                *out.stride()[:3], *tstr, heads, nq, nk, scale * LOG2E, gh, gw, s, **meta)
-    return out, lse
+                *out.stride()[:4], lse.stride(0), *tstr, heads, nq, nk, splits, scale * LOG2E, gh, gw, s, **meta)
+    if splits == 1:
+        return out[0], lse[0]
+    # merge the splits (fixed order: deterministic): lse = log Σ_s e^{lse_s}, out = Σ_s e^{lse_s − lse}·out_s;
+    # a split that saw nothing has lse_s = −inf and weight 0, a row that saw nothing keeps out 0 and lse −inf
+    total = torch.logsumexp(lse, dim=0)
+    weight = torch.exp(lse - total).nan_to_num_(0.0)
+    merged = (weight.permute(0, 1, 3, 2).unsqueeze(-1) * out).sum(0)
+    return merged.to(q.dtype), total
 
 
 def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_lens=None, table=None, grid=None,

@@ -87,6 +87,25 @@ def test_shared_queries(mask, dtype):
     _check(2, 17, 70, 2, 32, dtype, shared=True, **_masks(2, 17, 70)[mask])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["none", "causal", "prefix_mixed", "pad_empty"])
+def test_few_queries_split_k(mask, dtype):
+    """n_query <= 16 takes the split-K forward (key slices merged by their lse); shared queries as in pooling."""
+    _check(2, 5, 97, 2, 32, dtype, shared=True, **_masks(2, 5, 97)[mask])
+
+
+def test_split_k_lse_and_empty_rows():
+    from vlcore.kernels import attention as kernels
+
+    q, k, v = torch.randn(2, 3, 1, 32), torch.randn(2, 100, 1, 32), torch.randn(2, 100, 1, 32)
+    mask = {"causal": True, "kv_lens": torch.tensor([40, 0])}  # sample 0: the second key slice is all padding
+    out, lse = kernels.attention_fwd(q, k, v, **mask)
+    ref_out, ref_lse = ref.attention_with_lse(q, k, v, **mask)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+    assert (out[1] == 0).all() and torch.isneginf(lse[1]).all()
+
+
 def test_expanded_queries_run_as_shared():
     q = torch.randn(1, 17, 1, 32).expand(2, -1, -1, -1)
     k, v = torch.randn(2, 40, 1, 32), torch.randn(2, 40, 1, 32)
