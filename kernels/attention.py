@@ -27,6 +27,10 @@ gw − 1, h]. The kernels gather it from the (small, cache-resident) table. For 
 each dS tile so that its diagonals become columns (tl.gather): all pairs on one diagonal i − j = d with the same
 sign of x_q − x_k share one table entry, so a tile reduces to 2·(BLOCK_M + BLOCK_N) sums with distinct table
 rows; they are added to the program's own row of a (programs, table) fp32 buffer, summed afterwards by torch.
+
+Few queries (attention pooling, CoCa: 1 and 256 learnable queries shared by the batch): the forward splits the
+keys over several programs when n_query <= 16 would leave the GPU idle (split-K, partial results merged by their
+lse), and the dQ kernel splits the batch into chunks whose fp32 partial sums are added in a fixed order.
 """
 
 from __future__ import annotations
