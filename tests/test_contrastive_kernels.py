@@ -187,6 +187,20 @@ def test_distributed_triton_matches_single_process():
     _check_against_single_process(results, "triton", tol=2e-5, cases=cases)
 
 
+def test_cuda_binding_rejects_bad_arguments_before_launch():
+    """The compiled binding (built here, not runnable without a GPU) validates before touching CUDA and reports
+    errors as RuntimeError naming the entry point."""
+    from vlcore import _ext
+
+    mod, why = _ext.load()
+    if mod is None or not hasattr(mod, "contrastive_fwd"):
+        pytest.skip(f"vlcore._C without the contrastive kernels: {why}")
+    with pytest.raises(RuntimeError, match=r"contrastive_fwd: dtype code 3 not supported"):
+        mod.contrastive_fwd(0, 0, 0, 0, 0, 0, 4, 4, 8, 0, 8, 1, 8, 1, _ext.DTYPE_CODES[torch.float64], False, 0)
+    with pytest.raises(RuntimeError, match=r"contrastive_bwd: sizes must be positive"):
+        mod.contrastive_bwd(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 8, 0, 8, 1, 8, 1, 8, 8, 0, True, 0)
+
+
 # ---- GPU only: bf16 and the CUDA backend ---------------------------------------------------------------
 
 @pytest.mark.gpu
