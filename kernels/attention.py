@@ -50,7 +50,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _seq_bucket(n: int) -> int:
-    """Autotune key: sequence lengths in power-of-two buckets from 64 to 8192."""
+    """Autotune key: sequence lengths in power-of-two buckets from 64 to 8192. The buckets (N_BUCKET, Q_BUCKET)
+    are plain int arguments the kernels ignore, so a new bucket re-tunes without a new specialisation."""
     return min(max(triton.next_power_of_2(max(n, 1)), 64), 8192)
 
 
@@ -81,7 +82,7 @@ _DKDV_SHAPES = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3
 # dQ: BLOCK_M rows per program, loops over BLOCK_N keys.
 _DQ_SHAPES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),
               (64, 128, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (16, 128, 4, 2), (32, 64, 4, 2)]
-_KEY = ["D_PAD", "N_BUCKET", "Q_BUCKET", "CAUSAL", "HAS_BIAS"]
+_KEY = ["HEAD_DIM", "N_BUCKET", "Q_BUCKET", "CAUSAL", "HAS_PREFIX", "HAS_KVLEN", "HAS_BIAS"]
 _INTERPRET_BLOCKS = (32, 32)
 
 
@@ -182,7 +183,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, PrefixLens, KvLens, Table,
                 stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                 stride_os, stride_ob, stride_on, stride_oh, stride_ls, stride_tr, stride_th,
                 H, NQ, NK, SPLITS, qk_scale, GH, GW, REL_START,
-                N_BUCKET: tl.constexpr, Q_BUCKET: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                N_BUCKET, Q_BUCKET, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -325,7 +326,7 @@ def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, D
                  stride_db, stride_dn, stride_dh, stride_dkb, stride_dkn, stride_dkh,
                  stride_dvb, stride_dvn, stride_dvh, stride_tr, stride_th,
                  H, NQ, NK, qk_scale, scale, GH, GW, REL_START, TABLE_SIZE,
-                 N_BUCKET: tl.constexpr, Q_BUCKET: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                 N_BUCKET, Q_BUCKET, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKEW_W: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -416,7 +417,7 @@ def _dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, PrefixLens, KvLens, Table,
                stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                stride_db, stride_dn, stride_dh, stride_dqb, stride_dqn, stride_dqh, stride_tr, stride_th,
                H, NQ, NK, BATCH, CHUNK, qk_scale, scale, GH, GW, REL_START,
-               N_BUCKET: tl.constexpr, Q_BUCKET: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+               N_BUCKET, Q_BUCKET, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query block, chunk of CHUNK samples, head), writing DQ[chunk]. Own queries: CHUNK = 1.
