@@ -541,6 +541,9 @@ def attention_fwd(q, k, v, causal=False, prefix_lens=None, kv_lens=None, table=N
     nq = q.shape[1]
     scale = dim ** -0.5 if scale is None else scale
     meta, plens, klens, tab, tstr, (gh, gw, s) = _common(q, k, prefix_lens, kv_lens, causal, table, grid, start)
+    if batch * nq * nk * heads == 0:  # nothing to launch: no key gives output 0 and lse -inf
+        out = torch.zeros((batch, nq, heads, dim), dtype=q.dtype, device=q.device)
+        return out, torch.full((batch, heads, nq), float("-inf"), dtype=torch.float32, device=q.device)
     splits = _key_splits(batch, nq, nk, heads, q.device)
     if splits == 1:
         out = torch.empty((1, batch, nq, heads, dim), dtype=q.dtype, device=q.device)
@@ -568,6 +571,9 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
     batch, nk, heads, dim = k.shape
     nq = q.shape[1]
     scale = dim ** -0.5 if scale is None else scale
+    if batch * nq * nk * heads == 0:
+        dtable = None if table is None else torch.zeros_like(table)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dtable
     meta, plens, klens, tab, tstr, (gh, gw, s) = _common(q, k, prefix_lens, kv_lens, causal, table, grid, start)
     delta = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
     d_blk = 64 if not _INTERPRET else 32

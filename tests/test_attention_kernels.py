@@ -146,6 +146,15 @@ def test_lse_and_empty_rows():
     assert (out[1] == 0).all() and (out[0, :7] == 0).all()  # rows 0..6 of sample 0 precede every key
 
 
+@pytest.mark.parametrize("nq,nk", [(0, 5), (5, 0)])
+def test_empty_sequences(nq, nk):
+    q, k, v = (torch.randn(2, n, 1, 32, requires_grad=True) for n in (nq, nk, nk))
+    out = vlcore.attention(q, k, v, backend="triton")
+    torch.testing.assert_close(out, ref.attention(q, k, v))
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert all(g.shape == t.shape and not g.any() for g, t in zip(grads, (q, k, v)))
+
+
 def test_no_nq_by_nk_allocation():
     """Forward and backward launchers allocate nothing of size Nq×Nk (tracked on the launchers themselves: a
     dispatch mode sees a custom op only from outside)."""
