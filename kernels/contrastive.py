@@ -167,6 +167,45 @@ def _bwd_dy_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, lse_ptr, drow_ptr, dy_ptr,
              mask=(cols[:, None] < n_cols) & (ds[None, :] < dim))
 
 
+@triton.jit
+def _bwd_pair_kernel(x_ptr, y_ptr, scale_ptr, lse_row_ptr, lse_col_ptr, drow_ptr, dcol_ptr, dx_ptr, partial_ptr,
+                     n, dim, sx0, sx1, sy0, sy1, sdx0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                     GRAD_PRECISION: tl.constexpr):
+    """Single-process InfoNCE, both directions from one logits tile: rows x (n, D) against columns y (n, D),
+    G_ij = drow_i·(e^{l_ij − lse_row_i} − δ_ij) + dcol_j·(e^{l_ij − lse_col_j} − δ_ij)  (the second term is the
+    transposed gradient of the y→x direction), dx = s·G·y, and the dscale partial of both directions."""
+    pid_m, pid_d = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    s = tl.load(scale_ptr).to(tl.float32)
+    in_range = rows < n
+    drow = tl.load(drow_ptr + rows, mask=in_range, other=0.0).to(tl.float32)
+    lse_row = tl.load(lse_row_ptr + rows, mask=in_range, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    dscale = tl.zeros((BLOCK_M,), tl.float32)
+    for n0 in range(0, n, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n
+        dcol = tl.load(dcol_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        lse_col = tl.load(lse_col_ptr + cols, mask=col_ok, other=0.0)
+        dots = _dots_tile(x_ptr, y_ptr, rows, cols, n, n, dim, sx0, sx1, sy0, sy1, BLOCK_M, BLOCK_N, BLOCK_K,
+                          PRECISION)
+        logits = dots * s
+        pos = tl.where(cols[None, :] == rows[:, None], 1.0, 0.0)
+        g = (drow[:, None] * (tl.exp(logits - lse_row[:, None]) - pos)
+             + dcol[None, :] * (tl.exp(logits - lse_col[None, :]) - pos))
+        g = tl.where(in_range[:, None] & col_ok[None, :], g, 0.0)
+        yt = tl.load(y_ptr + cols[:, None] * sy0 + ds[None, :] * sy1,
+                     mask=col_ok[:, None] & (ds[None, :] < dim), other=0.0).to(tl.float32)
+        acc = tl.dot(g, yt, acc, input_precision=GRAD_PRECISION)
+        dscale += tl.sum(g * dots, axis=1)
+    tl.store(dx_ptr + rows[:, None] * sdx0 + ds[None, :], (acc * s).to(dx_ptr.dtype.element_ty),
+             mask=in_range[:, None] & (ds[None, :] < dim))
+    if pid_d == 0:
+        tl.store(partial_ptr + pid_m, tl.sum(dscale, axis=0))
+
+
 # ---- launchers -----------------------------------------------------------------------------------------
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -261,3 +300,30 @@ def contrastive_bwd(drow: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scale:
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), dy.stride(0), **common)
     sums = partial.view(2, row_blocks).sum(dim=1)
     return dx, dy, sums[0], (sums[1] if siglip and bias is not None else None)
+
+
+def infonce_pair_bwd(d_img: torch.Tensor, d_txt: torch.Tensor, img: torch.Tensor, txt: torch.Tensor,
+                     scale: torch.Tensor, lse_img: torch.Tensor, lse_txt: torch.Tensor):
+    """Single-process InfoNCE backward of both directions at once: rows terms r_img (images vs texts, row lse
+    ``lse_img``) and r_txt (texts vs images, ``lse_txt``) with upstreams d_img, d_txt (B,). Two launches of the
+    pair kernel (image rows, then text rows) instead of four: each logits tile serves both directions.
+    Returns (d image (B, D), d text (B, D), dscale 0-dim fp32)."""
+    n, dim = img.shape
+    d_img, d_txt = d_img.contiguous(), d_txt.contiguous()
+    precision, grad_precision = _precisions(img.dtype)
+    _, cfg = _config(dim, img.dtype, precision)
+    cfg = {k: v for k, v in cfg.items() if k != "SIGLIP"}
+    row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
+    grid = (row_blocks, triton.cdiv(dim, cfg["BLOCK_D"]))
+    partial = torch.empty(2 * row_blocks, dtype=torch.float32, device=img.device)
+    grads = []
+    with _device_guard(img):
+        for i, (x, y, lse_r, lse_c, dr, dc) in enumerate(((img, txt, lse_img, lse_txt, d_img, d_txt),
+                                                           (txt, img, lse_txt, lse_img, d_txt, d_img))):
+            dx = torch.empty((n, dim), dtype=x.dtype, device=x.device)
+            _bwd_pair_kernel[grid](x, y, scale, lse_r, lse_c, dr, dc, dx, partial[i * row_blocks:], n, dim,
+                                   x.stride(0), x.stride(1), y.stride(0), y.stride(1), dx.stride(0),
+                                   PRECISION=precision, GRAD_PRECISION=grad_precision, **cfg)
+            grads.append(dx)
+    # each launch sums dscale over the whole (B, B) tile grid; they differ only by rounding: keep the first
+    return grads[0], grads[1], partial[:row_blocks].sum()

@@ -35,11 +35,20 @@ def compile_all(cap: int, dtype: torch.dtype, kind: str, dim: int = 768) -> list
                              "drow_ptr": "*fp32", "dy_ptr": ptr, **ints, "sdy0": "i32"}, bwd_cfg,
          {"GRAD_PRECISION": grad_precision}),
     ]
+    if kind == "infonce":
+        pair_cfg = {k: v for k, v in bwd_cfg.items()}
+        kernels.append((kc._bwd_pair_kernel, {"x_ptr": ptr, "y_ptr": ptr, "scale_ptr": "*fp32", "lse_row_ptr": "*fp32",
+                                              "lse_col_ptr": "*fp32", "drow_ptr": "*fp32", "dcol_ptr": "*fp32",
+                                              "dx_ptr": ptr, "partial_ptr": "*fp32", "n": "i32", "dim": "i32",
+                                              "sx0": "i32", "sx1": "i32", "sy0": "i32", "sy1": "i32", "sdx0": "i32"},
+                        pair_cfg, {"GRAD_PRECISION": grad_precision, "NO_SIGLIP": True}))
     done = []
     for fn, signature, cfg, extra in kernels:
         options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
         constexprs = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
-        constexprs.update(extra, SIGLIP=kind == "siglip", PRECISION=precision)
+        constexprs.update(extra, PRECISION=precision)
+        if not constexprs.pop("NO_SIGLIP", False):
+            constexprs["SIGLIP"] = kind == "siglip"
         signature = dict(signature, **{k: "constexpr" for k in constexprs})
         triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cap, 32), options=options)
         done.append(f"{fn.fn.__name__} sm_{cap} {_TRITON_TYPES[dtype]} {kind}")

@@ -121,6 +121,8 @@ def test_triton_no_b_by_b_allocation(kind, device):
     with track_allocations() as tracker:
         rows, lse = impl.forward(x, y, scale, bias, 0, kind)
         impl.backward(torch.ones_like(rows), x, y, scale, bias, lse, 0, kind)
+        if kind == "infonce":
+            impl.pair_backward(torch.ones_like(rows), torch.ones_like(rows), x, y, scale, lse, lse)
     assert tracker.largest_bytes < b * b * 4 // 4, (tracker.largest_bytes, tracker.largest_shape)
     with track_allocations() as ref_tracker:  # the tracker does see a (b, B) buffer where there is one
         _loss_fn(kind, "reference")(**{k: (v.detach() if v is not None else None) for k, v in inputs.items()})
@@ -149,6 +151,9 @@ def test_triton_opcheck_and_compile(kind, device):
     bias = torch.tensor(-1.0, device=device, requires_grad=True) if kind == "siglip" else None
     torch.library.opcheck(op._rows_op, (x, y, scale, bias, 2, kind, "triton"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    if kind == "infonce":  # the single-process op serving both directions
+        torch.library.opcheck(op._pair_op, (x, y[:5].clone().requires_grad_(), scale, "triton"),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     fn = _loss_fn(kind, "triton")
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     got, expect = compiled(x, y[:5], scale, bias), fn(x, y[:5], scale, bias)
@@ -175,7 +180,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     proc = subprocess.run([sys.executable, script, "90:bfloat16:infonce", "80:float32:siglip"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("compiled") == 6, proc.stdout
+    assert proc.stdout.count("compiled") == 7, proc.stdout
 
 
 def test_distributed_triton_matches_single_process():

@@ -140,6 +140,23 @@ def test_opcheck(kind):
                            lse.detach(), 1, kind, "reference"))
 
 
+def test_opcheck_infonce_pair_op_and_generic_backward():
+    """The single-process op serving both InfoNCE directions, with a backend that has no fused pair backward."""
+    img = torch.randn(4, 5, requires_grad=True)
+    txt = torch.randn(4, 5, requires_grad=True)
+    scale = torch.tensor(2.0, requires_grad=True)
+    torch.library.opcheck(op._pair_op, (img, txt, scale, "reference"))
+    r_img, _, r_txt, _ = op._pair_op(img, txt, scale, "reference")
+    loss = (r_img.sum() + r_txt.sum()) / 8
+    expect = independent_loss(img, txt, scale, "infonce")
+    torch.testing.assert_close(loss.double(), expect, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(loss, (img, txt, scale))
+    leaves64 = [t.detach().double().requires_grad_() for t in (img, txt, scale)]
+    truth = torch.autograd.grad(independent_loss(*leaves64, "infonce"), leaves64)
+    for g, t in zip(grads, truth):
+        torch.testing.assert_close(g.double(), t, rtol=1e-4, atol=1e-6)
+
+
 def test_torch_compile_fullgraph():
     img, txt = _inputs(6, 8)
     scale = torch.tensor(5.0, requires_grad=True)

@@ -8,6 +8,9 @@ Semantics: DESIGN.md §3 and :mod:`vlcore.reference.contrastive`. The loss is as
 
 The reference backend runs straight under autograd (cheapest on CPU); the compiled backends run through the
 registered op ``vlcore::contrastive_rows``, which ``torch.compile(fullgraph=True)`` traces through its fake.
+Single-process InfoNCE uses ``vlcore::contrastive_infonce_pair`` (both directions; a backend may implement
+``pair_backward(d_img, d_txt, img, txt, scale, lse_img, lse_txt) -> (d_img, d_txt, dscale)`` to serve both
+from one logits tile).
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ class _TritonBackend:
         from vlcore.kernels import contrastive as kernels
 
         return kernels.contrastive_bwd(drow, x, y, scale, bias, lse, offset, kind)
+
+    @staticmethod
+    def pair_backward(d_img, d_txt, img, txt, scale, lse_img, lse_txt):
+        from vlcore.kernels import contrastive as kernels
+
+        return kernels.infonce_pair_bwd(d_img, d_txt, img, txt, scale, lse_img, lse_txt)
 
 
 dispatch.register(dispatch.Backend(
@@ -166,6 +175,64 @@ def _backward(ctx, drow, _dlse):
 _rows_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---- single-process InfoNCE: both directions as one registered op -------------------------------------
+# Without ranks, the text->image logits are the transpose of the image->text ones, so a backend's
+# ``pair_backward`` can serve both directions from one logits tile (half the backward work). Backends without
+# it run the row op's backward once per direction.
+
+@torch.library.custom_op("vlcore::contrastive_infonce_pair", mutates_args=())
+def _pair_op(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = dispatch.get(OP, backend).impl()
+    r_img, lse_img = impl.forward(image, text, scale, None, 0, "infonce")
+    r_txt, lse_txt = impl.forward(text, image, scale, None, 0, "infonce")
+    return r_img, lse_img, r_txt, lse_txt
+
+
+@_pair_op.register_fake
+def _(image, text, scale, backend):
+    acc = ref.compute_dtype(image.dtype)
+    return tuple(image.new_empty(image.shape[0], dtype=acc) for _ in range(4))
+
+
+@torch.library.custom_op("vlcore::contrastive_infonce_pair_backward", mutates_args=())
+def _pair_backward_op(d_img: torch.Tensor, d_txt: torch.Tensor, image: torch.Tensor, text: torch.Tensor,
+                      scale: torch.Tensor, lse_img: torch.Tensor, lse_txt: torch.Tensor,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = dispatch.get(OP, backend).impl()
+    if hasattr(impl, "pair_backward"):
+        g_img, g_txt, dscale = impl.pair_backward(d_img, d_txt, image, text, scale, lse_img, lse_txt)
+    else:
+        dx1, dy1, ds1, _ = impl.backward(d_img, image, text, scale, None, lse_img, 0, "infonce")
+        dx2, dy2, ds2, _ = impl.backward(d_txt, text, image, scale, None, lse_txt, 0, "infonce")
+        g_img, g_txt, dscale = dx1 + dy2, dy1 + dx2, ds1 + ds2
+    return g_img, g_txt, dscale.to(scale.dtype).reshape(scale.shape).clone()
+
+
+@_pair_backward_op.register_fake
+def _(d_img, d_txt, image, text, scale, lse_img, lse_txt, backend):
+    return image.new_empty(image.shape), text.new_empty(text.shape), torch.empty_like(scale)
+
+
+def _pair_setup_context(ctx, inputs, output):
+    image, text, scale, backend = inputs
+    _, lse_img, _, lse_txt = output
+    ctx.save_for_backward(image, text, scale, lse_img, lse_txt)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(lse_img, lse_txt)
+
+
+def _pair_backward(ctx, d_img, _dl1, d_txt, _dl2):
+    image, text, scale, lse_img, lse_txt = ctx.saved_tensors
+    d_img = torch.zeros_like(lse_img) if d_img is None else d_img.contiguous()
+    d_txt = torch.zeros_like(lse_txt) if d_txt is None else d_txt.contiguous()
+    g_img, g_txt, dscale = _pair_backward_op(d_img, d_txt, image, text, scale, lse_img, lse_txt, ctx.backend)
+    return g_img, g_txt, dscale, None
+
+
+_pair_op.register_autograd(_pair_backward, setup_context=_pair_setup_context)
+
+
 class _GlobalLoss(torch.autograd.Function):
     """Value: Σ_r share_r over the group (the global loss, the same on every rank).
     Gradient: W × upstream to the local share, so that DDP's averaging over W ranks yields dL/dθ."""
@@ -232,7 +299,10 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
             raise ValueError(f"{_NAME}: the global batch is empty (every rank passed 0 rows)")
     else:
         image_all, text_all, offset, total = image_emb, text_emb, 0, local
-    if kind == "infonce":
+    if kind == "infonce" and not distributed and chosen.name != dispatch.REFERENCE:
+        r_img, _, r_txt, _ = _pair_op(image_emb, text_emb, scale, chosen.name)
+        share = (r_img.sum() + r_txt.sum()) / (2 * total)
+    elif kind == "infonce":
         share = (_rows(image_emb, text_all, scale, None, offset, kind, chosen).sum()
                  + _rows(text_emb, image_all, scale, None, offset, kind, chosen).sum()) / (2 * total)
     else:
