@@ -17,6 +17,10 @@ Backward, upstream drow (b,), recomputing the logits tile by tile (nothing of si
     dy = s·Gᵀ·x  (one program per (column block, D chunk), loops over row tiles) — every gathered column
     dscale = Σ G ⊙ (x·yᵀ),  dbias = Σ G   (per-row-block partial sums, reduced afterwards by torch)
 
+Single-process InfoNCE (no ranks: the text→image logits are the transpose of the image→text ones) uses a pair
+kernel: G_ij = d_i·(e^{l_ij − lse_i} − δ_ij) + d'_j·(e^{l_ij − lse'_j} − δ_ij) serves both directions from one
+recomputed tile, so the backward is two launches (image rows, text rows) instead of four.
+
 No float atomics: the results are bitwise deterministic. fp16/bf16 logits use the tensor cores with fp32
 accumulation; fp32 inputs use IEEE fp32 products (as torch's default matmul). The gradient matmuls take G in
 fp32 (TF32 products for fp16/bf16 inputs: a 16-bit G would underflow — its entries are ~1/B — and lose precision).
