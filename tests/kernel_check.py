@@ -107,19 +107,40 @@ class _AllocationTracker(TorchDispatchMode):
         self.largest_bytes = 0
         self.largest_shape = ()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+    def _record(self, out):
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > self.largest_bytes:
                 self.largest_bytes = t.untyped_storage().nbytes()
                 self.largest_shape = tuple(t.shape)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        opdef = _vlcore_opdef(func)
+        if opdef is not None:
+            # A mode is switched off while it handles an op, so it would see only the custom op's outputs:
+            # run vlcore's own ops' Python implementation with the mode back on, to see their launchers' buffers.
+            with self:
+                out = opdef._init_fn(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        self._record(out)
         return out
+
+
+def _vlcore_opdef(func):
+    name = getattr(getattr(func, "_schema", None), "name", "")
+    if not name.startswith("vlcore::"):
+        return None
+    from torch._library.custom_ops import OPDEFS
+
+    return OPDEFS.get(name)
 
 
 @contextlib.contextmanager
 def track_allocations():
-    """Records the largest tensor storage created by torch ops inside the block (kernel launchers included),
-    so a test can assert that nothing of size Nq×Nk (or b×B, N×K) was allocated."""
+    """Records the largest tensor storage created by torch ops inside the block — inside vlcore's registered
+    ops too (their launchers' buffers) — so a test can assert that nothing of size Nq×Nk (b×B, N×K) was
+    allocated."""
     tracker = _AllocationTracker()
     with tracker:
         yield tracker
