@@ -9,6 +9,9 @@
   - MLM: 15 % of caption AND tag tokens (80/10/10), tied decoder.
   - Contrastive: the [CLS] pooler classifies the triple as matched (0), caption polluted (1: caption of another
     sample, prob. 0.25) or tags polluted (2: tags of another sample, prob. 0.25).
+  - Tag dropout (``tag_drop_prob``, 0 = OSCAR+; the tiny config uses 0.5): a sample's tags are hidden, so the
+    caption must be matched against the regions (tags taken from ground-truth phrases name the objects and
+    would otherwise let the text alone solve the task); such a sample is never "tags polluted".
   - Optional MRC (``mrc_weight`` > 0, off by default: OSCAR+ has none): regions masked with 15 % probability
     (feature zeroed), their detector label (``box_labels``) predicted (``vlcore.nn.region``).
 * ``region_source="batch"`` (paper): features from the batch key ``region_features`` (B, R, feature_dim).
@@ -57,6 +60,7 @@ class VinVLConfig:
     mlp_ratio: float = 4.0
     mlm_prob: float = 0.15
     pollute_prob: float = 0.5  # half of it pollutes the caption, half the tags
+    tag_drop_prob: float = 0.0
     mlm_weight: float = 1.0
     contrastive_weight: float = 1.0
     mrc_weight: float = 0.0
@@ -157,10 +161,13 @@ class VinVL(nn.Module):
         # 3-way pollution: replace the caption (label 1) or the tags (label 2) by another sample's
         u = torch.rand(b, device=text.device)
         label = torch.where(u < c.pollute_prob / 2, 1, torch.where(u < c.pollute_prob, 2, 0))
+        drop = torch.rand(b, device=text.device) < c.tag_drop_prob
+        label = torch.where(drop & (label == 2), 1, label)  # no tags to pollute: pollute the caption
         other = sample_negatives(b, text.device)
         pc, pt = (label == 1)[:, None], (label == 2)[:, None]
         text, text_mask = torch.where(pc, text[other], text), torch.where(pc, text_mask[other], text_mask)
         tags, tags_mask = torch.where(pt, tags[other], tags), torch.where(pt, tags_mask[other], tags_mask)
+        tags_mask = tags_mask & ~drop[:, None]
         # MLM on caption and tag tokens
         m_text, l_text = mask_tokens(text, text_mask, c.vocab_size, c.mlm_prob)
         m_tags, l_tags = mask_tokens(tags, tags_mask, c.vocab_size, c.mlm_prob)
@@ -185,6 +192,6 @@ class VinVL(nn.Module):
 
 
 register("vinvl-tiny", VinVLConfig(vocab_size=1024, image_size=64, max_text_len=32, max_tag_len=16,
-                                   region_source="pixels", pixel_grid=4, dim=64, depth=2, heads=2, mrc_weight=1.0,
+                                   region_source="pixels", pixel_grid=8, tag_drop_prob=0.5, dim=64, depth=2, heads=2, mrc_weight=1.0,
                                    num_classes=10), VinVL)
 register("vinvl-base", VinVLConfig(), VinVL)
