@@ -30,6 +30,16 @@ from vlcore.reference.attention import rel_pos_index
 D64 = torch.float64
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on a busy 2-core machine the thread pool's spinning
+    multiplies the run time; restored afterwards for the other test files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 def dense_attention(q, k, v, visible=None, bias=None):
     """Textbook softmax attention on (B, N, H, D) with a boolean (B, Nq, Nk) mask and an (H, Nq, Nk) bias."""
     s = torch.einsum("bihd,bjhd->bhij", q, k) * q.shape[-1] ** -0.5

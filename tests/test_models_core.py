@@ -54,6 +54,16 @@ def tiny():
     return built
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes gain nothing from intra-op threads, and on a busy 2-core machine the thread pool's spinning
+    multiplies the run time; restored afterwards for the other test files."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # ---- registry and sizes --------------------------------------------------------------------------------------
 
 def test_registry_lists_every_config():
