@@ -19,10 +19,16 @@ def text_lengths(model: str, text: torch.Tensor, mask: torch.Tensor, name: str =
                  min_len: int = 2) -> torch.Tensor:
     """Lengths (B,) of BOS ... EOS texts; every text must hold at least ``min_len`` tokens (BOS and EOS)."""
     check_text(model, text, mask, name)
-    lens = lengths(mask.bool())
-    if lens.numel() and text.device.type == "cpu" and int(lens.min()) < min_len:
-        raise ValueError(f"{model}: every `{name}` must have at least {min_len} tokens (BOS ... EOS) in "
-                         f"`{name}_mask`; got lengths {lens.tolist()}")
+    mask = mask.bool()
+    lens = lengths(mask)
+    if lens.numel() and text.device.type == "cpu":  # host-side checks only where they cost no device sync
+        if int(lens.min()) < min_len:
+            raise ValueError(f"{model}: every `{name}` must have at least {min_len} tokens (BOS ... EOS) in "
+                             f"`{name}_mask`; got lengths {lens.tolist()}")
+        if not torch.equal(mask, torch.arange(mask.shape[1]) < lens[:, None]):
+            bad = int((mask != (torch.arange(mask.shape[1]) < lens[:, None])).any(1).nonzero()[0])
+            raise ValueError(f"{model}: `{name}_mask` must be True on a prefix of each row (BOS ... EOS, then "
+                             f"padding); row {bad} is {mask[bad].int().tolist()}")
     return lens
 
 

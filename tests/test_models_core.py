@@ -171,6 +171,15 @@ def test_activation_checkpointing_changes_nothing(name):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_text_mask_must_be_a_prefix(tiny, name):
+    batch = make_batch(tiny[name].config)
+    batch["text_mask"] = batch["text_mask"].clone()
+    batch["text_mask"][2, 1] = False  # a hole: lengths taken from the mask would be silently wrong
+    with pytest.raises(ValueError, match="prefix"):
+        tiny[name](batch)
+
+
 def test_wrong_image_size_is_a_clear_error(tiny):
     model = tiny["coca-tiny"]
     batch = make_batch(model.config)
