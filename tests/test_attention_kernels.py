@@ -223,6 +223,24 @@ def test_refusals_name_the_reason():
         vlcore.attention(q.double()[..., :32], q.double()[..., :32], q.double()[..., :32], backend="triton")
 
 
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90():
+    """The GPU code path (every mask flag and the rel-pos table: tl.gather, barriers, bf16 dots) compiles for H100
+    without a GPU; tests/attention_compile_check.py --all-configs checks every autotune config (minutes)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    script = os.path.join(os.path.dirname(__file__), "attention_compile_check.py")
+    proc = subprocess.run([sys.executable, script, "90:bfloat16:80:causal,prefix,kvlen,bias"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("compiled") == 3, proc.stdout
+
+
 # ---- native GPU runs: bf16 and larger shapes -----------------------------------------------------------
 
 @pytest.mark.gpu

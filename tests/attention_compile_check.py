@@ -1,0 +1,81 @@
+"""Compile the Triton attention kernels for NVIDIA targets without a GPU (ptxas bundled with triton).
+
+    python tests/attention_compile_check.py 90:bfloat16:64:causal,prefix,kvlen,bias [--all-configs] ...
+
+Each spec is cap:dtype:head_dim:flags (flags from causal, prefix, kvlen, bias). By default every kernel compiles
+with its smallest tile config (fast); --all-configs compiles every autotune config the launcher may pick for that
+problem (slow: minutes). Type errors, layout/lowering failures (tl.gather, dot precisions) and shared-memory
+overruns surface here on a CPU-only machine. Must run without TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vlcore.kernels import attention as ka
+
+_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_TENSORS = ("Q", "K", "V", "Out", "Table", "DOut", "DK", "DV", "DQ")  # in the input dtype
+_FP32_PTRS = ("Lse", "Delta", "DTab")
+_INT_PTRS = ("PrefixLens", "KvLens")
+_FLOATS = ("qk_scale", "scale")
+
+
+def _signature(fn, dtype, constexprs):
+    def kind(name):
+        if name in constexprs:
+            return "constexpr"
+        if name in _TENSORS:
+            return "*" + _TYPES[dtype]
+        if name in _FP32_PTRS:
+            return "*fp32"
+        if name in _INT_PTRS:
+            return "*i32"
+        return "fp32" if name in _FLOATS else "i32"  # sizes, strides, grid and bucket ints
+
+    return {name: kind(name) for name in fn.arg_names}
+
+
+def compile_spec(cap: int, dtype: torch.dtype, head_dim: int, flags: set[str], all_configs: bool) -> list[str]:
+    meta = dict(HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)), CAUSAL="causal" in flags
+                or "prefix" in flags, HAS_PREFIX="prefix" in flags, HAS_KVLEN="kvlen" in flags,
+                HAS_BIAS="bias" in flags, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    prune_args = {"Q_BUCKET": 128, "HAS_BIAS": meta["HAS_BIAS"]}
+    done = []
+    for fn, shapes, skew, prune in ((ka._fwd_kernel, ka._FWD_SHAPES, False, ka._pruner(64)),
+                                    (ka._dq_kernel, ka._DQ_SHAPES, False, ka._pruner(64)),
+                                    (ka._dkdv_kernel, ka._DKDV_SHAPES, True, ka._pruner(32, bias_limit=True))):
+        configs = _configs(shapes, skew)
+        configs = prune(configs, {}, **prune_args)
+        if not all_configs:
+            configs = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        for cfg in configs:
+            constexprs = dict(meta, **cfg.kwargs)
+            src = ASTSource(fn, _signature(fn, dtype, constexprs), constexprs)
+            triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            done.append(f"{fn.fn.__name__} sm_{cap} {_TYPES[dtype]} d{head_dim} {sorted(flags)} {cfg.kwargs}")
+    return done
+
+
+def _configs(shapes, skew):
+    out = []
+    for bm, bn, warps, stages in shapes:
+        kw = {"BLOCK_M": bm, "BLOCK_N": bn}
+        if skew:
+            kw["SKEW_W"] = triton.next_power_of_2(bm + bn - 1)
+        out.append(triton.Config(kw, num_warps=warps, num_stages=stages))
+    return out
+
+
+if __name__ == "__main__":
+    every = "--all-configs" in sys.argv
+    for spec in [a for a in sys.argv[1:] if not a.startswith("--")]:
+        cap, dtype, dim, flags = spec.split(":")
+        for line in compile_spec(int(cap), getattr(torch, dtype), int(dim), set(filter(None, flags.split(","))),
+                                 every):
+            print("compiled", line, flush=True)
