@@ -40,6 +40,16 @@ def _overrides(pairs: list[str] | None) -> dict:
     return out
 
 
+def _scene_mix(text: str) -> tuple:
+    try:
+        mix = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        mix = ()
+    if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
+        raise SystemExit(f"vlcore pretrain: --scene-mix expects three non-negative weights like 0.4,0.3,0.3; got {text!r}")
+    return mix
+
+
 def _model_names() -> str:
     try:
         from vlcore import models
@@ -71,12 +81,15 @@ def _add_pretrain(sub) -> None:
     g.add_argument("--data", default=d.data,
                    help="'digits-scenes' (embedded, generated from scikit-learn's digits) or tar shards / JSONL "
                         "manifests: 'dir/', 'shards/{00000..00009}.tar', globs, comma-separated lists")
+    g.add_argument("--scene-mix", default=",".join(f"{w:g}" for w in d.scene_mix), metavar="P1,P2,P3",
+                   help="digits-scenes: how often a training image holds one, two, three digits")
     g.add_argument("--image-size", type=int, default=d.image_size, help="input resolution (square)")
     g.add_argument("--max-text-len", type=int, default=d.max_text_len, help="caption length incl. BOS/EOS")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer JSON file to use (default: train a byte-level BPE on the run's captions)")
     g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="vocabulary size when training the BPE")
-    g.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader processes (shards)")
+    g.add_argument("--num-workers", type=int, default=d.num_workers,
+                   help="data loader processes that make the batches (0: in the training process)")
     g.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="sample shuffle window (shards)")
     g.add_argument("--plugin", action="append", metavar="MODULE",
                    help="import MODULE first (e.g. one that registers your models with vlcore.models.register)")
@@ -92,6 +105,8 @@ def _add_pretrain(sub) -> None:
     o.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data and dropout")
     r = p.add_argument_group("hardware")
     r.add_argument("--device", default=d.device, help="auto (CUDA when available), cpu, cuda, cuda:1")
+    r.add_argument("--threads", type=int, default=d.threads,
+                   help="torch intra-op threads per process (0: 1 on CPU, torch's default on GPU)")
     r.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast on GPUs that support it, fp32 otherwise")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -124,7 +139,8 @@ def _cmd_pretrain(args) -> int:
                       out_dir=args.out_dir, resume=args.resume, save_every=args.save_every, keep=args.keep,
                       log_every=args.log_every, eval=args.eval, tokenizer=args.tokenizer,
                       vocab_size=args.vocab_size, max_text_len=args.max_text_len, image_size=args.image_size,
-                      num_workers=args.num_workers, shuffle_buffer=args.shuffle_buffer,
+                      num_workers=args.num_workers, threads=args.threads,
+                      scene_mix=_scene_mix(args.scene_mix), shuffle_buffer=args.shuffle_buffer,
                       overrides=_overrides(args.overrides), quiet=args.quiet)
     for name in ("steps", "batch_size", "grad_accum"):
         if getattr(cfg, name) < 1:

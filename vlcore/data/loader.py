@@ -67,27 +67,60 @@ class Collator:
         return batch
 
 
+class _DigitsBatches(torch.utils.data.IterableDataset):
+    """Batches ``start``, ``start + 1``, ... of one rank; worker ``w`` of ``W`` makes those with n % W == w, which
+    the DataLoader hands out round-robin, so the order is the same with any number of workers."""
+
+    def __init__(self, source: DigitsSource, start: int):
+        super().__init__()
+        self.source, self.start = source, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        n = self.start + wid
+        while True:
+            yield self.source.make_batch(n)
+            n += nw
+
+
 class DigitsSource:
-    """Training batches of digits-scenes: batch ``n`` of rank ``r`` holds scenes ``(n * world + r) * B + i``."""
+    """Training batches of digits-scenes: batch ``n`` of rank ``r`` holds scenes ``(n * world + r) * B + i``.
+
+    With ``num_workers`` > 0 the scenes are drawn in background processes (the CPU the model does not use).
+    """
 
     def __init__(self, dataset: DigitsScenes, collator: Collator, batch_size: int, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, num_workers: int = 0):
         self.dataset, self.collator, self.batch_size = dataset, collator, batch_size
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.position = 0  # batches this rank has consumed
         self.skipped = 0
+        self._it = None
 
-    def next_batch(self) -> dict:
-        start = (self.position * self.world_size + self.rank) * self.batch_size
-        self.position += 1
+    def make_batch(self, n: int) -> dict:
+        start = (n * self.world_size + self.rank) * self.batch_size
         scenes = self.dataset.scenes(range(start, start + self.batch_size))
         return self.collator.from_arrays(scenes_to_arrays(scenes, self.collator.max_boxes))
+
+    def next_batch(self) -> dict:
+        if self.num_workers <= 0:
+            batch = self.make_batch(self.position)
+        else:
+            if self._it is None:
+                loader = torch.utils.data.DataLoader(_DigitsBatches(self, self.position), batch_size=None,
+                                                     num_workers=self.num_workers, prefetch_factor=4)
+                self._it = iter(loader)
+            batch = next(self._it)
+        self.position += 1
+        return batch
 
     def state_dict(self) -> dict:
         return {"kind": "digits-scenes", "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
+        self._it = None
 
 
 class ShardSource:

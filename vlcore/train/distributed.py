@@ -99,14 +99,31 @@ def wrap(model: torch.nn.Module, info: DistInfo, strategy: str = "ddp") -> torch
             from torch.distributed.fsdp import fully_shard
         except ImportError as e:  # pragma: no cover - torch < 2.6
             raise RuntimeError("--dist fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard)") from e
+        # fully_shard refuses 0-dim parameters (learnable temperatures): they stay replicated, their
+        # gradients averaged by sync_replicated_grads after each backward.
+        scalars = {p for p in model.parameters() if p.dim() == 0}
         for module in list(model.modules()):
             if isinstance(module, torch.nn.ModuleList):
                 for block in module:
                     if any(p.requires_grad for p in block.parameters()):
-                        fully_shard(block)
-        fully_shard(model)
+                        fully_shard(block, ignored_params=scalars or None)
+        fully_shard(model, ignored_params=scalars or None)
+        model._vlcore_replicated = [p for p in model.parameters() if p in scalars]
         return model
     raise ValueError(f"--dist must be ddp or fsdp; got {strategy!r}")
+
+
+def sync_replicated_grads(model: torch.nn.Module) -> None:
+    """Average the gradients of the parameters FSDP left replicated (no-op for DDP and single processes)."""
+    params = getattr(unwrap(model), "_vlcore_replicated", None)
+    if not params or not dist.is_initialized():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.stack([g.reshape(()) for g in grads]).float()
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, g in zip(params, flat):
+        p.grad = g.to(p.dtype).reshape(p.shape).clone()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -64,7 +64,9 @@ class TrainConfig:
     vocab_size: int = 512
     max_text_len: int = 16
     image_size: int = 64
-    num_workers: int = 2
+    num_workers: int = 1
+    threads: int = 0
+    scene_mix: tuple = (0.4, 0.3, 0.3)
     shuffle_buffer: int = 1000
     overrides: dict = field(default_factory=dict)
     quiet: bool = False
@@ -201,14 +203,22 @@ def _save(run_dir, step, model, optimizer, scheduler, source, cfg, info, meta, m
 def pretrain(cfg: TrainConfig) -> dict:
     """Train, checkpoint, evaluate. Returns {"run_dir", "final_loss", "eval" (or None), "losses"}."""
     info = distributed.setup(cfg.device)
+    threads = torch.get_num_threads()
     try:
         return _pretrain(cfg, info)
     finally:
+        torch.set_num_threads(threads)  # callers in the same process (tests, notebooks) keep their setting
         distributed.teardown()
 
 
 def _pretrain(cfg: TrainConfig, info) -> dict:
     device = info.device
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    elif device.type == "cpu":
+        # One intra-op thread per process: the tiny models' ops are too small to split, and threads that
+        # spin-wait on a busy machine cost far more than they gain; the data workers use the other cores.
+        torch.set_num_threads(1)
     resumed = checkpoint.load_checkpoint(cfg.resume) if cfg.resume else None
     if resumed is not None:
         meta = resumed["metadata"]
@@ -263,8 +273,9 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
 
     collator = Collator(tokenizer, max_text_len=max_text_len)
     if cfg.data == DIGITS:
-        source = DigitsSource(DigitsScenes("train", seed=cfg.seed, image_size=image_size), collator,
-                              cfg.batch_size, info.rank, info.world_size)
+        source = DigitsSource(DigitsScenes("train", seed=cfg.seed, image_size=image_size,
+                                           count_weights=tuple(cfg.scene_mix)), collator,
+                              cfg.batch_size, info.rank, info.world_size, num_workers=cfg.num_workers)
     else:
         stream = ShardStream(cfg.data, image_size=image_size, seed=cfg.seed, rank=info.rank,
                              world_size=info.world_size, shuffle_buffer=cfg.shuffle_buffer)
@@ -321,6 +332,7 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
             for k, v in out.items():
                 if isinstance(v, torch.Tensor) and v.numel() == 1:
                     sums[k] = sums.get(k, 0) + v.detach().float() / cfg.grad_accum
+        distributed.sync_replicated_grads(train_model)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
         optimizer.step()
         scheduler.step()
@@ -367,16 +379,21 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
               "train_seconds": train_s, "model": model}
     do_eval = cfg.eval == "on" or (cfg.eval == "auto" and cfg.data == DIGITS)
     if do_eval:
-        eval_model = train_model if (cfg.dist == "fsdp" and info.enabled) else model
-        if info.is_main or (cfg.dist == "fsdp" and info.enabled):
+        eval_model = model
+        if cfg.dist == "fsdp" and info.enabled:  # evaluate an unsharded copy on rank 0 (gathering is collective)
+            full_state = distributed.full_model_state(train_model, "fsdp")
+            if info.is_main:
+                eval_model, _ = build_model(cfg.model, model_config)
+                eval_model.load_state_dict(full_state)
+                eval_model.to(device)
+        if info.is_main:
             metrics_eval = evaluation.evaluate(eval_model, tokenizer, device, max_text_len=max_text_len,
                                                image_size=image_size, autocast=autocast)
-            if info.is_main:
-                metrics_eval["train_seconds"] = train_s
-                evaluation.save_json(metrics_eval, run_dir / "eval.json")
-                _log(info, evaluation.format_table(metrics_eval))
-                _log(info, f"saved {run_dir / 'eval.json'}")
-                result["eval"] = metrics_eval
+            metrics_eval["train_seconds"] = train_s
+            evaluation.save_json(metrics_eval, run_dir / "eval.json")
+            _log(info, evaluation.format_table(metrics_eval))
+            _log(info, f"saved {run_dir / 'eval.json'}")
+            result["eval"] = metrics_eval
         if info.enabled:
             dist.barrier()
     elif cfg.eval == "auto":
