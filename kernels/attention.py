@@ -151,19 +151,28 @@ def _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START)
     return tl.load(Table + idx * stride_tr + h * stride_th, mask=mask, other=0.0).to(tl.float32)
 
 
+@triton.jit
+def _touches_grid(start_m, start_n, GH, GW, REL_START, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Does the tile (rows from start_m, keys from start_n) hold a pair with both tokens in the grid? Tiles that
+    do not (text tokens) skip the bias gather and the dtable reduction."""
+    end = REL_START + GH * GW
+    return (start_m < end) & (start_m + BLOCK_M > REL_START) & (start_n < end) & (start_n + BLOCK_N > REL_START)
+
+
 # ---- forward -------------------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_tile(q, m_i, l_i, acc, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, NQ, NK,
+def _fwd_tile(q, m_i, l_i, acc, start_m, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, NQ, NK,
               kv_len, prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-              MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
     v = _load2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if HAS_BIAS:
-        s += _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START) * 1.4426950408889634
+        if _touches_grid(start_m, start_n, GH, GW, REL_START, BLOCK_M, BLOCK_N):
+            s += _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START) * 1.4426950408889634
     if MASKED:
         s = tl.where(_visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -209,13 +218,13 @@ def _fwd_kernel(Q, K, V, Out, Lse, PrefixLens, KvLens, Table,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     for start_n in range(lo, tl.minimum(dense_end, up), BLOCK_N):
-        m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+        m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, start_m, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                                   NQ, NK, kv_len, prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
-                                  REL_START, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, False, BLOCK_N, DOT_PRECISION)
+                                  REL_START, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, False, BLOCK_M, BLOCK_N, DOT_PRECISION)
     for start_n in range(tl.maximum(dense_end, lo), tl.minimum(hi, up), BLOCK_N):
-        m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+        m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, start_m, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                                   NQ, NK, kv_len, prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
-                                  REL_START, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True, BLOCK_N, DOT_PRECISION)
+                                  REL_START, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -307,7 +316,8 @@ def _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, strid
     lse, delta = _load_row_stats(Lse, Delta, row_base, offs_m, NQ)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if HAS_BIAS:
-        s += _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START) * 1.4426950408889634
+        if _touches_grid(start_m, start_n, GH, GW, REL_START, BLOCK_M, BLOCK_N):
+            s += _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START) * 1.4426950408889634
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
         p = tl.where(_visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL), p, 0.0)
@@ -316,7 +326,8 @@ def _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, strid
     ds = p * (dp - delta[:, None])
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     if HAS_BIAS:
-        _dtable_tile(ds, start_m, start_n, offs_m, offs_n, DTab_row, GH, GW, REL_START, BLOCK_M, BLOCK_N, SKEW_W)
+        if _touches_grid(start_m, start_n, GH, GW, REL_START, BLOCK_M, BLOCK_N):
+            _dtable_tile(ds, start_m, start_n, offs_m, offs_n, DTab_row, GH, GW, REL_START, BLOCK_M, BLOCK_N, SKEW_W)
     return dk, dv
 
 
@@ -394,16 +405,17 @@ def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, D
 
 
 @triton.jit
-def _dq_tile(q, do, lse, delta, dq, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, NQ, NK, kv_len,
+def _dq_tile(q, do, lse, delta, dq, start_m, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, NQ, NK, kv_len,
              prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-             MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+             MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
     v = _load2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if HAS_BIAS:
-        s += _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START) * 1.4426950408889634
+        if _touches_grid(start_m, start_n, GH, GW, REL_START, BLOCK_M, BLOCK_N):
+            s += _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START) * 1.4426950408889634
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
         p = tl.where(_visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL), p, 0.0)
@@ -443,13 +455,13 @@ def _dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, PrefixLens, KvLens, Table,
         kv_len, prefix = _lens(b, NK, PrefixLens, KvLens, HAS_PREFIX, HAS_KVLEN)
         dense_end, hi = _key_range(start_m, NQ, NK, kv_len, prefix, CAUSAL, BLOCK_M, BLOCK_N)
         for start_n in range(0, dense_end, BLOCK_N):
-            dq = _dq_tile(q, do, lse, delta, dq, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, NQ,
+            dq = _dq_tile(q, do, lse, delta, dq, start_m, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, NQ,
                           NK, kv_len, prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
-                          HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, False, BLOCK_N, DOT_PRECISION)
+                          HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, False, BLOCK_M, BLOCK_N, DOT_PRECISION)
         for start_n in range(dense_end, hi, BLOCK_N):
-            dq = _dq_tile(q, do, lse, delta, dq, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, NQ,
+            dq = _dq_tile(q, do, lse, delta, dq, start_m, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, NQ,
                           NK, kv_len, prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
-                          HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True, BLOCK_N, DOT_PRECISION)
+                          HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True, BLOCK_M, BLOCK_N, DOT_PRECISION)
     dq_ptrs = DQ + tl.cast(chunk, tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < NQ)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
