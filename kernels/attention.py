@@ -57,8 +57,10 @@ def _seq_bucket(n: int) -> int:
 
 # ---- autotune configs ----------------------------------------------------------------------------------
 # Under the interpreter autotuning is far too slow: one small fixed config (a single config is never benchmarked).
+# VLCORE_ATTENTION_AUTOTUNE=0 on a GPU uses one safe config per kernel (tests: autotuning every (head dim, length,
+# mask) key compiles ~30 kernels per key).
 
-def _configs(shapes, interpret_shape, skew=False):
+def _configs(shapes, interpret_shape, fixed_shape, skew=False):
     def config(bm, bn, warps, stages):
         kw = {"BLOCK_M": bm, "BLOCK_N": bn}
         if skew:  # width of the dtable skew: the tile's BLOCK_M + BLOCK_N − 1 diagonals, rounded up
@@ -67,6 +69,8 @@ def _configs(shapes, interpret_shape, skew=False):
 
     if _INTERPRET:
         return [config(*interpret_shape, 4, 1)]
+    if os.environ.get("VLCORE_ATTENTION_AUTOTUNE", "1") == "0":
+        return [config(*fixed_shape)]
     return [config(*shape) for shape in shapes]
 
 
@@ -487,11 +491,12 @@ def _pruner(min_rows: int, bias_limit: bool = False):
 
 @functools.cache
 def _tuned():
-    fwd = triton.autotune(_configs(_FWD_SHAPES, _INTERPRET_BLOCKS), key=_KEY,
+    # fixed configs fit fp32 at D = 128 in an A100's shared memory
+    fwd = triton.autotune(_configs(_FWD_SHAPES, _INTERPRET_BLOCKS, (64, 32, 4, 2)), key=_KEY,
                           prune_configs_by={"early_config_prune": _pruner(64)})(_fwd_kernel)
-    dkdv = triton.autotune(_configs(_DKDV_SHAPES, _INTERPRET_BLOCKS, skew=True), key=_KEY,
+    dkdv = triton.autotune(_configs(_DKDV_SHAPES, _INTERPRET_BLOCKS, (32, 64, 4, 2), skew=True), key=_KEY,
                            prune_configs_by={"early_config_prune": _pruner(32, bias_limit=True)})(_dkdv_kernel)
-    dq = triton.autotune(_configs(_DQ_SHAPES, _INTERPRET_BLOCKS), key=_KEY,
+    dq = triton.autotune(_configs(_DQ_SHAPES, _INTERPRET_BLOCKS, (64, 32, 4, 2)), key=_KEY,
                          prune_configs_by={"early_config_prune": _pruner(64)})(_dq_kernel)
     return fwd, dkdv, dq
 

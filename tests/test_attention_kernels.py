@@ -7,6 +7,8 @@ tails. The @gpu tests repeat the checks natively with bf16 and larger shapes.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from kernel_check import compare_with_reference, track_allocations
@@ -14,6 +16,10 @@ from kernel_check import compare_with_reference, track_allocations
 import vlcore
 from vlcore import dispatch
 from vlcore.reference import attention as ref
+
+# GPU runs: one fixed config per kernel (autotuning every tested key would compile for a long time);
+# the benchmarks autotune.
+os.environ.setdefault("VLCORE_ATTENTION_AUTOTUNE", "0")
 
 DTYPES = (torch.float32, torch.float16)
 

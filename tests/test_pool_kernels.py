@@ -5,12 +5,17 @@ forward and the gradients of the context and of every parameter."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 from kernel_check import assert_close
 
 import vlcore
+
+# GPU runs: one fixed config per kernel (autotuning every tested key would compile for a long time);
+# the benchmarks autotune.
+os.environ.setdefault("VLCORE_ATTENTION_AUTOTUNE", "0")
 
 
 def _run(pool, context, grads):

@@ -6,6 +6,8 @@ Runs under TRITON_INTERPRET=1 on CPU (fp32, fp16) at small odd grids (3×5, 7×7
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,10 @@ from kernel_check import compare_with_reference, track_allocations
 
 import vlcore
 from vlcore.reference import attention as ref
+
+# GPU runs: one fixed config per kernel (autotuning every tested key would compile for a long time);
+# the benchmarks autotune.
+os.environ.setdefault("VLCORE_ATTENTION_AUTOTUNE", "0")
 
 
 def _device():
