@@ -125,7 +125,7 @@ class BuildExtWithNvcc(build_ext):
             # Static cudart: the extension needs only the driver (libcuda) at run time, found lazily, so
             # importing vlcore._C works on machines without a GPU and never clashes with torch's cudart.
             ext.libraries += ["cudart_static", "dl", "rt", "pthread"]
-            ext.define_macros += [(k, '"%s"' % v.replace('"', "'")) for k, v in build_info.items()]
+            ext.define_macros += [(k, '"' + v.replace('"', "'") + '"') for k, v in build_info.items()]
         super().build_extensions()
 
     def _build_cuda_objects(self, ext: Extension, nvcc: Path, cuda_home: Path, archs: list[str]) -> None:

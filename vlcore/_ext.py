@@ -21,7 +21,7 @@ DTYPE_CODES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load() -> tuple[object | None, str | None]:
     """(module, None) when ``vlcore._C`` imports, else (None, why not)."""
     try:

@@ -204,7 +204,7 @@ def describe() -> list[dict[str, Any]]:
 # ---- requirement probes shared by the op families ------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_missing() -> str | None:
     try:
         import triton  # noqa: F401

@@ -1,14 +1,35 @@
 """Modules that hold parameters or state, built on the vlcore ops (used by ``vlcore.models``)."""
 
+from vlcore.nn.attention import KVCache, MultiheadAttention
+from vlcore.nn.contrastive import ContrastiveLoss
+from vlcore.nn.dictionary import VisualDictionary, mvm_mask
+from vlcore.nn.heads import BoxHead, MLMHead, MLPHead
 from vlcore.nn.pool import AttentionPool, MultiAttentionPool
-from vlcore.nn.dictionary import VisualDictionary, mvm_mask  # noqa: F401
-from vlcore.nn.contrastive import ContrastiveLoss  # noqa: F401
-from vlcore.nn.attention import KVCache, MultiheadAttention  # noqa: F401
-from vlcore.nn.transformer import MLP, DecoderLayer, EncoderLayer, TransformerStack  # noqa: F401
-from vlcore.nn.vit import PatchEmbed, ViT  # noqa: F401
-from vlcore.nn.resnet import ResNet  # noqa: F401
-from vlcore.nn.swin import SwinEncoder  # noqa: F401
-from vlcore.nn.text import TextEmbeddings, TextEncoder  # noqa: F401
-from vlcore.nn.heads import BoxHead, MLMHead, MLPHead  # noqa: F401
+from vlcore.nn.resnet import ResNet
+from vlcore.nn.swin import SwinEncoder
+from vlcore.nn.text import TextEmbeddings, TextEncoder
+from vlcore.nn.transformer import MLP, DecoderLayer, EncoderLayer, TransformerStack
+from vlcore.nn.vit import PatchEmbed, ViT
 
-__all__ = ["AttentionPool", "MultiAttentionPool"]
+__all__ = [
+    "AttentionPool",
+    "BoxHead",
+    "ContrastiveLoss",
+    "DecoderLayer",
+    "EncoderLayer",
+    "KVCache",
+    "MLMHead",
+    "MLP",
+    "MLPHead",
+    "MultiAttentionPool",
+    "MultiheadAttention",
+    "PatchEmbed",
+    "ResNet",
+    "SwinEncoder",
+    "TextEmbeddings",
+    "TextEncoder",
+    "TransformerStack",
+    "ViT",
+    "VisualDictionary",
+    "mvm_mask",
+]
