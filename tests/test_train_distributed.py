@@ -64,3 +64,23 @@ def test_torchrun_two_ranks_identical_weights_and_exact_resume(tmp_path):
     assert sorted(b) == [3, 4] and all(a[s] == b[s] for s in b), (a, b)
     wa, wb = ckpt["model_state"], checkpoint.load_checkpoint(resumed)["model_state"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_matches_ddp(tmp_path):
+    """FSDP2 (sharded parameters, the 0-dim temperature kept replicated) trains the same model as DDP."""
+    _torchrun("--steps", "3", "--out-dir", str(tmp_path / "ddp"))
+    out = _torchrun("--steps", "3", "--out-dir", str(tmp_path / "fsdp"), "--dist", "fsdp")
+    assert "x 2 processes (fsdp)" in out.stdout
+    a, b = _losses(tmp_path / "ddp"), _losses(tmp_path / "fsdp")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert all(abs(a[s] - b[s]) <= 1e-4 * abs(a[s]) for s in a), (a, b)
+
+    import torch
+
+    from vlcore.train import checkpoint
+
+    wa = checkpoint.load_checkpoint(tmp_path / "ddp")["model_state"]
+    wb = checkpoint.load_checkpoint(tmp_path / "fsdp")["model_state"]
+    assert wa.keys() == wb.keys()
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-5) for k in wa)

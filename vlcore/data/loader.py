@@ -108,8 +108,11 @@ class DigitsSource:
             batch = self.make_batch(self.position)
         else:
             if self._it is None:
+                # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG, which
+                # would shift dropout masks between an uninterrupted and a resumed run.
                 loader = torch.utils.data.DataLoader(_DigitsBatches(self, self.position), batch_size=None,
-                                                     num_workers=self.num_workers, prefetch_factor=4)
+                                                     num_workers=self.num_workers, prefetch_factor=4,
+                                                     generator=torch.Generator().manual_seed(self.position))
                 self._it = iter(loader)
             batch = next(self._it)
         self.position += 1
@@ -135,7 +138,8 @@ class ShardSource:
     def _iterator(self):
         loader = torch.utils.data.DataLoader(self.stream, batch_size=self.batch_size, collate_fn=self.collator,
                                              num_workers=self.num_workers, drop_last=True,
-                                             persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+                                             persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
+                                             generator=torch.Generator().manual_seed(self.stream.seed))
         return iter(loader)
 
     @property
