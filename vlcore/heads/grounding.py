@@ -13,16 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlcore.nn import objectives
 from vlcore.nn.heads import BoxHead, MLPHead
 from vlcore.nn.objectives import box_cxcywh_to_xyxy, box_losses
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Paired IoU of (..., 4) cxcywh boxes."""
-    a, b = box_cxcywh_to_xyxy(a), box_cxcywh_to_xyxy(b)
-    inter = (torch.minimum(a[..., 2:], b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
-    area = lambda x: (x[..., 2:] - x[..., :2]).clamp(min=0).prod(-1)
-    return inter / (area(a) + area(b) - inter).clamp(min=1e-9)
+    return objectives.box_iou(box_cxcywh_to_xyxy(a), box_cxcywh_to_xyxy(b))
 
 
 def box_accuracy(pred: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from vlcore import tokens as T
-from vlcore.nn.objectives import IGNORE
+from vlcore.nn.objectives import mask_tokens
 
 
 def word_start_table(tokenizer, vocab_size: int | None = None) -> torch.Tensor:
@@ -41,18 +41,4 @@ def mask_whole_words(text: torch.Tensor, text_mask: torch.Tensor, word_ids: torc
     if word_ids.shape != text.shape:
         raise ValueError(f"mask_whole_words: `word_ids` must have the shape of `text` {tuple(text.shape)}; "
                          f"got {tuple(word_ids.shape)}")
-    candidates = text_mask.bool() & (text >= T.NUM_SPECIAL)
-    b, t = text.shape
-    n_words = int(word_ids.max()) + 1 if word_ids.numel() else 1
-    u_word = torch.rand(b, n_words, device=text.device, generator=generator)
-    u = u_word.gather(1, word_ids.clamp(min=0))  # every token of a word sees its word's draw
-    chosen = candidates & (u < prob)
-    none = candidates.any(1) & ~chosen.any(1)
-    first = u.masked_fill(~candidates, 2.0).argmin(1, keepdim=True)  # the candidate word with the smallest draw
-    forced = (word_ids == word_ids.gather(1, first)) & candidates & none[:, None]
-    chosen = chosen | forced
-    action = torch.rand(text.shape, device=text.device, generator=generator)
-    random_ids = torch.randint(T.NUM_SPECIAL, vocab_size, text.shape, device=text.device, generator=generator)
-    masked = torch.where(chosen & (action < 0.8), torch.full_like(text, T.MASK), text)
-    masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked)
-    return masked, torch.where(chosen, text, torch.full_like(text, IGNORE))
+    return mask_tokens(text, text_mask, vocab_size, prob, generator, word_ids=word_ids)

@@ -11,20 +11,29 @@ IGNORE = -100
 
 
 def mask_tokens(text: torch.Tensor, text_mask: torch.Tensor, vocab_size: int, prob: float = 0.15,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None = None, word_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: each ordinary token (id >= NUM_SPECIAL, inside ``text_mask``) is chosen with ``prob``;
     a chosen token becomes [MASK] 80 %, a random ordinary token 10 %, stays unchanged 10 %.
 
+    With ``word_ids`` (B, T) (tokens of one word share an id) whole words are chosen together (BERT-wwm).
     Every row with an ordinary token gets at least one chosen token (short captions would otherwise often have
     none). Returns (masked text, labels) with labels = the original id where chosen, ``IGNORE`` elsewhere.
     """
     candidates = text_mask.bool() & (text >= T.NUM_SPECIAL)
-    u = torch.rand(text.shape, device=text.device, generator=generator)
+    b, t = text.shape
+    if word_ids is None:
+        ids = torch.arange(t, device=text.device).expand(b, t)
+        u = torch.rand(text.shape, device=text.device, generator=generator)
+    else:
+        ids = word_ids.clamp(min=0)
+        n_words = int(ids.max()) + 1 if ids.numel() else 1
+        u = torch.rand(b, n_words, device=text.device, generator=generator).gather(1, ids)  # one draw per word
     chosen = candidates & (u < prob)
-    # rows with candidates but nothing chosen: choose the candidate with the smallest draw
+    # rows with candidates but nothing chosen: choose the candidate (word) with the smallest draw
     none = candidates.any(1) & ~chosen.any(1)
-    forced = F.one_hot(u.masked_fill(~candidates, 2.0).argmin(1), text.shape[1]).bool() & none[:, None]
-    chosen = chosen | forced
+    first = u.masked_fill(~candidates, 2.0).argmin(1, keepdim=True)
+    chosen = chosen | ((ids == ids.gather(1, first)) & candidates & none[:, None])
     action = torch.rand(text.shape, device=text.device, generator=generator)
     random_ids = torch.randint(T.NUM_SPECIAL, vocab_size, text.shape, device=text.device, generator=generator)
     masked = torch.where(chosen & (action < 0.8), torch.full_like(text, T.MASK), text)
@@ -47,14 +56,23 @@ def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
 
 
-def generalized_box_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Paired GIoU of (..., 4) xyxy boxes (Rezatofighi et al., 2019): IoU - |C \\ (A u B)| / |C|, C the hull."""
+def _iou_union(a: torch.Tensor, b: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
     area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
     lt, rb = torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])
     inter = (rb - lt).clamp(min=0).prod(-1)
     union = area_a + area_b - inter
-    iou = inter / (union + eps)
+    return inter / (union + eps), union
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Paired IoU of (..., 4) xyxy boxes (broadcasting)."""
+    return _iou_union(a, b, eps)[0]
+
+
+def generalized_box_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Paired GIoU of (..., 4) xyxy boxes (Rezatofighi et al., 2019): IoU - |C \\ (A u B)| / |C|, C the hull."""
+    iou, union = _iou_union(a, b, eps)
     hull = (torch.maximum(a[..., 2:], b[..., 2:]) - torch.minimum(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
     return iou - (hull - union) / (hull + eps)
 
