@@ -40,12 +40,12 @@ DIGITS = "digits-scenes"
 class TrainConfig:
     model: str = "coca-tiny"
     data: str = DIGITS
-    steps: int = 1200
+    steps: int = 2500
     batch_size: int = 64
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float = 1e-3
     min_lr_ratio: float = 0.05
-    warmup: int = 100
+    warmup: int = 150
     weight_decay: float = 0.05
     clip_grad: float = 1.0
     seed: int = 0
@@ -66,7 +66,7 @@ class TrainConfig:
     image_size: int = 64
     num_workers: int = 1
     threads: int = 0
-    scene_mix: tuple = (0.4, 0.3, 0.3)
+    scene_mix: tuple = (0.5, 0.25, 0.25)
     shuffle_buffer: int = 1000
     overrides: dict = field(default_factory=dict)
     quiet: bool = False
