@@ -107,6 +107,10 @@ def test_pretrain_eval_caption_end_to_end(tmp_path, capsys):
 
     rc, text = _run(capsys, "caption", "--checkpoint", str(run / "checkpoints" / "latest.json"), "--num", "3")
     assert rc == 0 and text.count("held-out scene") == 3 and "reference: a " in text
+    image = pytest.importorskip("PIL.Image")
+    image.new("RGB", (40, 30), (200, 200, 200)).save(tmp_path / "photo.png")
+    rc, text = _run(capsys, "caption", "--checkpoint", str(run), str(tmp_path / "photo.png"))
+    assert rc == 0 and text.startswith(f"{tmp_path / 'photo.png'}: ")
 
 
 def test_eval_through_score_for_models_without_dual_encoders(tmp_path, capsys):

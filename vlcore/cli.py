@@ -223,12 +223,14 @@ def _add_caption(sub) -> None:
 
 
 def _generate_kwargs(fn, args) -> dict:
-    """Pass the decoding options under the names ``generate`` accepts."""
+    """The decoding options of the chosen strategy, under the names ``generate`` accepts."""
+    if args.strategy == "greedy":
+        return {}
+    wanted = {"beam_size": args.beams} if args.strategy == "beam" else {"top_p": args.top_p,
+                                                                         "temperature": args.temperature}
     params = inspect.signature(fn).parameters
-    wanted = {"num_beams": args.beams, "beam_size": args.beams, "beams": args.beams, "top_p": args.top_p,
-              "temperature": args.temperature}
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return {"top_p": args.top_p, "temperature": args.temperature, "num_beams": args.beams}
+        return wanted
     return {k: v for k, v in wanted.items() if k in params}
 
 
