@@ -40,7 +40,7 @@ DIGITS = "digits-scenes"
 class TrainConfig:
     model: str = "coca-tiny"
     data: str = DIGITS
-    steps: int = 2500
+    steps: int = 3200
     batch_size: int = 64
     grad_accum: int = 1
     lr: float = 1e-3
