@@ -383,3 +383,21 @@ def test_beam_search_finds_the_better_sequence_greedy_misses():
     greedy = decode(DecodingState(run, {}), torch.tensor([[T.BOS]]), 2, "greedy")
     beam = decode(DecodingState(run, {}), torch.tensor([[T.BOS]]), 2, "beam", beam_size=2, length_penalty=0.0)
     assert greedy[0, 0] == 7 and beam.tolist() == [[8, T.EOS]]
+
+
+def test_conv_stem_gives_the_patch_grid_and_rejects_other_patch_sizes():
+    from vlcore.nn.vit import PatchEmbed
+
+    stem = PatchEmbed(64, 8, 48, stem="conv")
+    assert [m.stride for m in stem.proj if isinstance(m, torch.nn.Conv2d)] == [(2, 2)] * 3
+    tokens = stem(torch.randn(2, 3, 64, 64))
+    assert tokens.shape == (2, 64, 48) and stem.num_patches == 64
+    # token (r, c) sees only its own neighbourhood: changing the far corner leaves token 0 unchanged
+    image = torch.randn(1, 3, 64, 64)
+    moved = image.clone()
+    moved[..., 40:, 40:] += 1
+    torch.testing.assert_close(stem(image)[0, 0], stem(moved)[0, 0])
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        PatchEmbed(60, 6, 48, stem="conv")
+    with pytest.raises(ValueError, match="stem must be 'linear' or 'conv'"):
+        PatchEmbed(64, 8, 48, stem="mlp")
