@@ -389,7 +389,8 @@ def test_conv_stem_gives_the_patch_grid_and_rejects_other_patch_sizes():
     from vlcore.nn.vit import PatchEmbed
 
     stem = PatchEmbed(64, 8, 48, stem="conv")
-    assert [m.stride for m in stem.proj if isinstance(m, torch.nn.Conv2d)] == [(2, 2)] * 3
+    convs = [m for m in stem.proj if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2)] * 3 and [c.out_channels for c in convs] == [32, 48, 48]
     tokens = stem(torch.randn(2, 3, 64, 64))
     assert tokens.shape == (2, 64, 48) and stem.num_patches == 64
     # token (r, c) sees only its own neighbourhood: changing the far corner leaves token 0 unchanged

@@ -14,10 +14,12 @@ class PatchEmbed(nn.Module):
     ``stem="linear"``: ViT's linear projection of non-overlapping patches (a strided convolution).
     ``stem="conv"``: a convolutional stem of log2(patch) stride-2 3x3 convolutions (Xiao et al., 2021, "Early
     convolutions help transformers see better"): the same N tokens, far quicker to train from scratch on small
-    data, at a few more parameters. Needs a power-of-two patch size.
+    data, at a few more parameters. Needs a power-of-two patch size. Its widths start at ``stem_width`` and
+    double (capped at ``dim``); the last convolution projects to ``dim``.
     """
 
-    def __init__(self, image_size: int, patch_size: int, dim: int, in_chans: int = 3, stem: str = "linear"):
+    def __init__(self, image_size: int, patch_size: int, dim: int, in_chans: int = 3, stem: str = "linear",
+                 stem_width: int = 32):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"PatchEmbed: image_size {image_size} must be a multiple of patch_size {patch_size}")
@@ -29,7 +31,7 @@ class PatchEmbed(nn.Module):
             n = patch_size.bit_length() - 1
             if patch_size < 2 or 1 << n != patch_size:
                 raise ValueError(f"PatchEmbed: stem='conv' needs a power-of-two patch_size >= 2; got {patch_size}")
-            widths = [in_chans] + [min(dim, 32 << i) for i in range(n - 1)] + [dim]
+            widths = [in_chans] + [min(dim, stem_width << i) for i in range(n - 1)] + [dim]
             layers: list[nn.Module] = []
             for i in range(n):
                 layers.append(nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1))
@@ -60,9 +62,9 @@ class ViT(nn.Module):
 
     def __init__(self, image_size: int, patch_size: int, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0,
                  *, cls_token: bool = False, checkpoint: bool = False, backend: str | None = None,
-                 stem: str = "linear"):
+                 stem: str = "linear", stem_width: int = 32):
         super().__init__()
-        self.patch_embed = PatchEmbed(image_size, patch_size, dim, stem=stem)
+        self.patch_embed = PatchEmbed(image_size, patch_size, dim, stem=stem, stem_width=stem_width)
         n = self.patch_embed.num_patches + int(cls_token)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
         self.pos_embed = nn.Parameter(torch.randn(1, n, dim) * 0.02)
