@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from vlcore.data.digits_scenes import retrieval_set, scenes_to_arrays, zero_shot_set
+from vlcore.heads.grounding import box_iou
 
 
 def _dual(model) -> bool:
@@ -73,16 +74,6 @@ def _recall(scores: torch.Tensor, k: int) -> float:
     return (top == torch.arange(len(scores))[:, None]).any(1).float().mean().item()
 
 
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of (cx, cy, w, h) boxes, elementwise over the leading dims."""
-    def corners(x):
-        return x[..., :2] - x[..., 2:] / 2, x[..., :2] + x[..., 2:] / 2
-    (a0, a1), (b0, b1) = corners(a.float()), corners(b.float())
-    inter = (torch.minimum(a1, b1) - torch.maximum(a0, b0)).clamp(min=0).prod(-1)
-    union = a[..., 2:].float().prod(-1).abs() + b[..., 2:].float().prod(-1).abs() - inter
-    return inter / union.clamp(min=1e-9)
-
-
 @torch.no_grad()
 def evaluate(model, tokenizer, device, *, max_text_len: int, image_size: int = 64, seed: int = 0,
              n_scenes: int = 100, batch_size: int = 256, autocast=None, max_phrase_len: int = 6,
@@ -129,7 +120,7 @@ def evaluate(model, tokenizer, device, *, max_text_len: int, image_size: int = 6
                                   for s in _chunks(len(bi), batch_size)])
             # a phrase such as "a 3" may fit two digits of a scene: the better-fitting one counts
             same = arr["box_labels"][bi] == arr["box_labels"][bi, ri][:, None]  # (N, R)
-            ious = box_iou(pred[:, None], arr["boxes"][bi]).masked_fill(~(same & valid[bi]), 0)
+            ious = box_iou(pred[:, None].float(), arr["boxes"][bi].float()).masked_fill(~(same & valid[bi]), 0)
             out["box_iou"] = ious.max(1).values.mean().item()
     finally:
         model.train(was_training)
