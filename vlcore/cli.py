@@ -89,7 +89,8 @@ def _add_pretrain(sub) -> None:
                    help="tokenizer JSON file to use (default: train a byte-level BPE on the run's captions)")
     g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="vocabulary size when training the BPE")
     g.add_argument("--num-workers", type=int, default=d.num_workers,
-                   help="data loader processes that make the batches (0: in the training process)")
+                   help="data loader processes that make the batches (0: in the training process; "
+                        "-1: auto, 0 on CPU and 2 per GPU process)")
     g.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="sample shuffle window (shards)")
     g.add_argument("--plugin", action="append", metavar="MODULE",
                    help="import MODULE first (e.g. one that registers your models with vlcore.models.register)")
@@ -106,7 +107,8 @@ def _add_pretrain(sub) -> None:
     r = p.add_argument_group("hardware")
     r.add_argument("--device", default=d.device, help="auto (CUDA when available), cpu, cuda, cuda:1")
     r.add_argument("--threads", type=int, default=d.threads,
-                   help="torch intra-op threads per process (0: 1 on CPU, torch's default on GPU)")
+                   help="torch intra-op threads per process (0: on CPU the machine's cores / local processes, "
+                        "less the data workers; torch's default on GPU)")
     r.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast on GPUs that support it, fp32 otherwise")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
