@@ -200,10 +200,16 @@ setup(
         "torch>=2.5",
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
+        "scikit-learn",  # the embedded digits-scenes dataset is made of the digit scans it ships
+        "safetensors",  # checkpoints
+        "matplotlib",  # the loss curve of `vlcore pretrain`, benchmark plots
+        "pillow",  # images in tar shards / JSONL manifests, `vlcore caption` on files
     ],
     extras_require={
         "dev": ["pytest>=7", "pytest-benchmark", "hypothesis", "ruff", "scipy"],
-        "bench": ["matplotlib", "tabulate"],
+        # peers that install cleanly beside any torch (open_clip, xformers, Inf-CL need matching torch builds:
+        # the benchmarks list them as missing when absent)
+        "bench": ["tabulate", "faiss-cpu"],
     },
     entry_points={"console_scripts": ["vlcore=vlcore.cli:main"]},
     zip_safe=False,
