@@ -163,6 +163,18 @@ def _touches_grid(start_m, start_n, GH, GW, REL_START, BLOCK_M: tl.constexpr, BL
     return (start_m < end) & (start_m + BLOCK_M > REL_START) & (start_n < end) & (start_n + BLOCK_N > REL_START)
 
 
+@triton.jit
+def _scores(q, k, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
+            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """log2-domain scores of a (BLOCK_M, BLOCK_N) tile: scale·q·kᵀ (+ the table's bias where the tile meets the
+    grid), shared by the forward and both backward kernels so they recompute exactly the same values."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if HAS_BIAS:
+        if _touches_grid(start_m, start_n, GH, GW, REL_START, BLOCK_M, BLOCK_N):
+            s += _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START) * 1.4426950408889634
+    return s
+
+
 # ---- forward -------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -173,10 +185,8 @@ def _fwd_tile(q, m_i, l_i, acc, start_m, start_n, k_base, v_base, stride_kn, str
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
     v = _load2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    if HAS_BIAS:
-        if _touches_grid(start_m, start_n, GH, GW, REL_START, BLOCK_M, BLOCK_N):
-            s += _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START) * 1.4426950408889634
+    s = _scores(q, k, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
+                HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION)
     if MASKED:
         s = tl.where(_visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -318,10 +328,8 @@ def _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, strid
     do = _load2d(do_base + offs_m[:, None] * stride_dn + offs_d[None, :], offs_m, NQ, offs_d, HEAD_DIM, D_PAD,
                  MASKED)
     lse, delta = _load_row_stats(Lse, Delta, row_base, offs_m, NQ)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    if HAS_BIAS:
-        if _touches_grid(start_m, start_n, GH, GW, REL_START, BLOCK_M, BLOCK_N):
-            s += _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START) * 1.4426950408889634
+    s = _scores(q, k, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
+                HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION)
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
         p = tl.where(_visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL), p, 0.0)
@@ -416,10 +424,8 @@ def _dq_tile(q, do, lse, delta, dq, start_m, start_n, k_base, v_base, stride_kn,
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
     v = _load2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    if HAS_BIAS:
-        if _touches_grid(start_m, start_n, GH, GW, REL_START, BLOCK_M, BLOCK_N):
-            s += _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START) * 1.4426950408889634
+    s = _scores(q, k, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
+                HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION)
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
         p = tl.where(_visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL), p, 0.0)
