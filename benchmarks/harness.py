@@ -38,6 +38,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("fwd", "bwd", "fwd_bwd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the scripts' --dtype names
 
 
 class Unsupported(Exception):
