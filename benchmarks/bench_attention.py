@@ -34,17 +34,13 @@ if "--quick" in sys.argv and not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import DTYPES, Bench, Unsupported, arg_parser, select_providers, sweep, write_results  # noqa: E402
+from harness import DTYPES, Bench, Unsupported, arg_parser, default_device, finish, select_providers, sweep  # noqa: E402
 
 import vlcore  # noqa: E402
 from vlcore import dispatch  # noqa: E402
 from vlcore.reference import attention as ref  # noqa: E402
 
 KINDS = ("prefix", "causal", "full", "padded")
-
-
-def _device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _lengths(case, device):
@@ -57,7 +53,7 @@ def _lengths(case, device):
 
 
 def _inputs(case):
-    device, dtype = _device(), DTYPES[case["dtype"]]
+    device, dtype = default_device(), DTYPES[case["dtype"]]
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (case["B"], case["N"], case["H"], case["D"])
     return [torch.randn(shape, device=device, generator=gen).to(dtype).requires_grad_() for _ in range(3)]
@@ -85,13 +81,13 @@ def flops(case, mode):
 
 
 def _mask_kwargs(case):
-    prefix, kv = _lengths(case, _device())
+    prefix, kv = _lengths(case, default_device())
     return {"causal": case["kind"] == "causal", "prefix_lens": prefix, "kv_lens": kv}
 
 
 def _vlcore(backend):
     def factory(case):
-        device, dtype = _device(), DTYPES[case["dtype"]]
+        device, dtype = default_device(), DTYPES[case["dtype"]]
         kw = _mask_kwargs(case)
         problem = dispatch.Problem(device, dtype, {
             "head_dim": case["D"], "nq": case["N"], "nk": case["N"], "shared_q": False, "causal": kw["causal"],
@@ -234,10 +230,7 @@ def main(argv=None):
     providers = select_providers(providers, args.providers)
     rows = sweep("attention", cases(args), providers, flops=flops, reps=2 if args.quick else 10,
                  warmup=1 if args.quick else 3)
-    if not args.no_write:
-        out = write_results("attention", rows, x="N", title="Masked attention (PrefixLM, causal, full, padded)",
-                            out_dir=args.out)
-        print(f"results in {out}")
+    finish(args, "attention", rows, x="N", title="Masked attention (PrefixLM, causal, full, padded)")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import DTYPES, Bench, Unsupported, arg_parser, select_providers, sweep, write_results  # noqa: E402
+from harness import DTYPES, Bench, Unsupported, arg_parser, default_device, finish, select_providers, sweep  # noqa: E402
 
 import vlcore  # noqa: E402
 from vlcore import dispatch  # noqa: E402
@@ -43,7 +43,7 @@ def _inputs(case, device):
 
 def _vlcore(backend):
     def factory(case):
-        device = _device()
+        device = default_device()
         problem = dispatch.Problem(device, DTYPES[case["dtype"]], {"dim": case["D"], "kind": case["kind"]})
         reasons = dispatch.get("contrastive_loss", backend).refusals(problem)
         if reasons:
@@ -67,7 +67,7 @@ def _open_clip(case):
     loss_mod = _open_clip_loss(case["kind"])
     if loss_mod is None:
         raise Unsupported("open_clip is not importable (pip install open_clip_torch); see open_clip-math")
-    img, txt, t, bias = _inputs(case, _device())
+    img, txt, t, bias = _inputs(case, default_device())
     if case["kind"] == "infonce":
         return Bench(fwd=lambda: loss_mod(img, txt, t.exp()), inputs=[img, txt, t])
     return Bench(fwd=lambda: loss_mod(img, txt, t.exp(), bias), inputs=[img, txt, t, bias])
@@ -75,7 +75,7 @@ def _open_clip(case):
 
 def _open_clip_math(case):
     """open_clip's single-process math, reimplemented (used when open_clip cannot be imported)."""
-    img, txt, t, bias = _inputs(case, _device())
+    img, txt, t, bias = _inputs(case, default_device())
     labels = torch.arange(case["B"], device=img.device)
 
     def clip_loss():
@@ -104,7 +104,7 @@ def _inf_cl(case):
     if not torch.cuda.is_available():
         raise Unsupported("Inf-CL needs a CUDA GPU")
     _single_rank_group()
-    img, txt, t, _ = _inputs(case, _device())
+    img, txt, t, _ = _inputs(case, default_device())
     return Bench(fwd=lambda: (cal_inf_loss(img, txt, scale=t.exp()) + cal_inf_loss(txt, img, scale=t.exp())) / 2,
                  inputs=[img, txt, t])
 
@@ -116,10 +116,6 @@ def _single_rank_group():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29517")
         dist.init_process_group("nccl", rank=0, world_size=1)
-
-
-def _device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def cases(quick: bool):
@@ -147,10 +143,7 @@ def main(argv=None):
     providers = select_providers(providers, args.providers)
     rows = sweep("contrastive", cases(args.quick), providers, modes=("fwd_bwd",) if not args.quick else ("fwd", "fwd_bwd"),
                  reps=3 if args.quick else 10)
-    if not args.no_write:
-        out = write_results("contrastive", rows, x="B", title="Contrastive loss fwd+bwd (one GPU, global batch B)",
-                            out_dir=args.out)
-        print(f"results in {out}")
+    finish(args, "contrastive", rows, x="B", title="Contrastive loss fwd+bwd (one GPU, global batch B)")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import DTYPES, Bench, Unsupported, arg_parser, select_providers, sweep, write_results  # noqa: E402
+from harness import DTYPES, Bench, Unsupported, arg_parser, default_device, finish, select_providers, sweep  # noqa: E402
 
 import vlcore  # noqa: E402
 from vlcore import dispatch  # noqa: E402
@@ -38,16 +38,12 @@ from vlcore import dispatch  # noqa: E402
 HEAD_DIM = 64
 
 
-def _device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _queries(case) -> tuple[int, ...]:
     return tuple(int(x) for x in str(case["n_query"]).split("+"))
 
 
 def _refuse(backend, case):
-    problem = dispatch.Problem(_device(), DTYPES[case["dtype"]], {
+    problem = dispatch.Problem(default_device(), DTYPES[case["dtype"]], {
         "head_dim": HEAD_DIM, "nq": sum(_queries(case)), "nk": case["N"], "shared_q": True, "causal": False,
         "prefix": False, "padding": False, "rel_pos": False})
     reasons = dispatch.get("attention", backend).refusals(problem)
@@ -56,14 +52,14 @@ def _refuse(backend, case):
 
 
 def _context(case):
-    gen = torch.Generator(device=_device()).manual_seed(0)
-    x = torch.randn(case["B"], case["N"], case["width"], device=_device(), generator=gen)
+    gen = torch.Generator(device=default_device()).manual_seed(0)
+    x = torch.randn(case["B"], case["N"], case["width"], device=default_device(), generator=gen)
     return x.to(DTYPES[case["dtype"]]).requires_grad_()
 
 
 def _qkv(case):
-    gen = torch.Generator(device=_device()).manual_seed(0)
-    heads, dtype, dev = case["width"] // HEAD_DIM, DTYPES[case["dtype"]], _device()
+    gen = torch.Generator(device=default_device()).manual_seed(0)
+    heads, dtype, dev = case["width"] // HEAD_DIM, DTYPES[case["dtype"]], default_device()
     q = torch.randn(1, sum(_queries(case)), heads, HEAD_DIM, device=dev, generator=gen).to(dtype).requires_grad_()
     k, v = (torch.randn(case["B"], case["N"], heads, HEAD_DIM, device=dev, generator=gen).to(dtype).requires_grad_()
             for _ in range(2))
@@ -94,7 +90,7 @@ def _vlcore(backend):
             q, k, v = _qkv(case)
             return Bench(fwd=lambda: vlcore.attention(q, k, v, backend=backend), inputs=[q, k, v])
         pool = vlcore.nn.MultiAttentionPool(case["width"], _queries(case), heads=case["width"] // HEAD_DIM,
-                                            backend=backend).to(_device(), dtype)
+                                            backend=backend).to(default_device(), dtype)
         x = _context(case)
         return Bench(fwd=lambda: pool(x), inputs=[x, *pool.parameters()])
     return factory
@@ -133,7 +129,7 @@ def _open_clip(reimplemented):
             raise Unsupported("module work only (see sdpa for the attention alone)")
         cls = _open_clip_cls(reimplemented)
         width, dtype = case["width"], DTYPES[case["dtype"]]
-        pools = [cls(width, width, width // HEAD_DIM, n).to(_device(), dtype) for n in _queries(case)]
+        pools = [cls(width, width, width // HEAD_DIM, n).to(default_device(), dtype) for n in _queries(case)]
         x = _context(case)
         params = [p for pool in pools for p in pool.parameters()]
         return Bench(fwd=lambda: tuple(pool(x) for pool in pools), inputs=[x, *params])
@@ -179,9 +175,7 @@ def main(argv=None):
     providers = select_providers(providers, args.providers)
     rows = sweep("pool", cases(args), providers, flops=flops, bytes_moved=bytes_moved,
                  reps=2 if args.quick else 10, warmup=1 if args.quick else 3)
-    if not args.no_write:
-        out = write_results("pool", rows, x="N", title="Attentional pooling (CoCa)", out_dir=args.out)
-        print(f"results in {out}")
+    finish(args, "pool", rows, x="N", title="Attentional pooling (CoCa)")
 
 
 if __name__ == "__main__":

@@ -33,15 +33,11 @@ if "--quick" in sys.argv and not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import DTYPES, Bench, Unsupported, arg_parser, select_providers, sweep, write_results  # noqa: E402
+from harness import DTYPES, Bench, Unsupported, arg_parser, default_device, finish, select_providers, sweep  # noqa: E402
 
 import vlcore  # noqa: E402
 from vlcore import dispatch  # noqa: E402
 from vlcore.reference import attention as ref  # noqa: E402
-
-
-def _device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _n(case):
@@ -58,7 +54,7 @@ def _prefix(case, device):
 
 
 def _inputs(case):
-    device, dtype = _device(), DTYPES[case["dtype"]]
+    device, dtype = default_device(), DTYPES[case["dtype"]]
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (case["B"], _n(case), case["H"], case["D"])
     q, k, v = (torch.randn(shape, device=device, generator=gen).to(dtype).requires_grad_() for _ in range(3))
@@ -77,7 +73,7 @@ def flops(case, mode):
 
 def _vlcore(backend):
     def factory(case):
-        device, dtype = _device(), DTYPES[case["dtype"]]
+        device, dtype = default_device(), DTYPES[case["dtype"]]
         n = _n(case)
         prefix = _prefix(case, device)
         problem = dispatch.Problem(device, dtype, {
@@ -209,10 +205,7 @@ def main(argv=None):
                  warmup=1 if args.quick else 3)
     for row in rows:
         row["N"] = row["gh"] * row["gw"] + row["text"]
-    if not args.no_write:
-        out = write_results("relpos", rows, x="N", title="Attention with a learnable 2-D relative position table",
-                            out_dir=args.out)
-        print(f"results in {out}")
+    finish(args, "relpos", rows, x="N", title="Attention with a learnable 2-D relative position table")
 
 
 if __name__ == "__main__":

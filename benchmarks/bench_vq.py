@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import DTYPES, Bench, Unsupported, arg_parser, select_providers, sweep, write_results  # noqa: E402
+from harness import DTYPES, Bench, Unsupported, arg_parser, default_device, finish, select_providers, sweep  # noqa: E402
 
 import vlcore  # noqa: E402
 from vlcore import dispatch  # noqa: E402
@@ -34,12 +34,8 @@ from vlcore.nn import VisualDictionary  # noqa: E402
 from vlcore.reference import vq as ref  # noqa: E402
 
 
-def _device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _inputs(case):
-    device = _device()
+    device = default_device()
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(case["N"], case["D"], device=device, generator=gen).to(DTYPES[case["dtype"]])
     codebook = torch.randn(case["K"], case["D"], device=device, generator=gen)
@@ -48,7 +44,7 @@ def _inputs(case):
 
 def _vlcore(backend):
     def factory(case):
-        device, dtype = _device(), DTYPES[case["dtype"]]
+        device, dtype = default_device(), DTYPES[case["dtype"]]
         reasons = dispatch.get("vq", backend).refusals(dispatch.Problem(device, dtype, {"dim": case["D"]}))
         if reasons:
             raise Unsupported("; ".join(reasons))
@@ -148,10 +144,7 @@ def main(argv=None):
     }
     providers = select_providers(providers, args.providers)
     rows = sweep("vq", cases(args.quick), providers, modes=("fwd",), reps=3 if args.quick else 10)
-    if not args.no_write:
-        out = write_results("vq", rows, x="N", title="Visual dictionary: assignment (+ momentum update)",
-                            out_dir=args.out)
-        print(f"results in {out}")
+    finish(args, "vq", rows, x="N", title="Visual dictionary: assignment (+ momentum update)")
 
 
 if __name__ == "__main__":

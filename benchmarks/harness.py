@@ -55,6 +55,10 @@ class Bench:
     setup: Callable[[], Any] | None = None  # per-call work that must be counted (e.g. FlexAttention's mask)
 
 
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
@@ -136,7 +140,7 @@ def sweep(name: str, cases: Sequence[dict[str, Any]], providers: dict[str, Calla
           bytes_moved: Callable[[dict, str], float] | None = None, device: torch.device | None = None,
           warmup: int = 3, reps: int = 10, verbose: bool = True) -> list[dict[str, Any]]:
     """Every case × provider × mode: a row with time, peak memory, TFLOP/s and GB/s where given."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     rows = []
     for case in cases:
         for pname, factory in providers.items():
@@ -268,6 +272,12 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--providers", default="", help="comma-separated subset of providers to run")
     p.add_argument("--no-write", action="store_true", help="print only, write no files")
     return p
+
+
+def finish(args: argparse.Namespace, name: str, rows: Sequence[dict[str, Any]], *, x: str, title: str) -> None:
+    """The end of every bench script: write the results unless ``--no-write`` and say where."""
+    if not args.no_write:
+        print(f"results in {write_results(name, rows, x=x, title=title, out_dir=args.out)}")
 
 
 def select_providers(providers: dict[str, Callable], wanted: str) -> dict[str, Callable]:
