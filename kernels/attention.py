@@ -41,6 +41,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from vlcore.kernels._launch import checked_grid
 from vlcore.kernels.attention_limits import SUPPORTED_HEAD_DIMS
 
 LOG2E = 1.4426950408889634
@@ -91,6 +92,16 @@ _INTERPRET_BLOCKS = (32, 32)
 
 
 # ---- shared device helpers -----------------------------------------------------------------------------
+
+@triton.jit
+def _block_and_head(n, BLOCK: tl.constexpr):
+    """(block index, batch·heads index) of this program. Grid axis 0 holds blocks × batch·heads, blocks
+    fastest (programs of one (b, h) run together and share K/V in L2): CUDA caps axes 1 and 2 at 65 535, which
+    batch·heads passes for Swin (windows folded into the batch) or embedding extraction at B = 4096."""
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(n, BLOCK)
+    return pid % blocks, pid // blocks
+
 
 @triton.jit
 def _load2d(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROW_MASK: tl.constexpr):
@@ -209,8 +220,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, PrefixLens, KvLens, Table,
                 N_BUCKET, Q_BUCKET, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(NQ, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     start_m = pid_m * BLOCK_M
@@ -223,7 +233,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, PrefixLens, KvLens, Table,
     kv_len, prefix = _lens(b, NK, PrefixLens, KvLens, HAS_PREFIX, HAS_KVLEN)
     dense_end, hi = _key_range(start_m, NQ, NK, kv_len, prefix, CAUSAL, BLOCK_M, BLOCK_N)
     # split-K (few queries, few programs): this program covers keys [lo, up) only, whole tiles
-    split = tl.program_id(2)
+    split = tl.program_id(1)
     keys_per_split = tl.cdiv(tl.cdiv(NK, SPLITS), BLOCK_N) * BLOCK_N
     lo = split * keys_per_split
     up = lo + keys_per_split
@@ -257,10 +267,10 @@ def _fwd_kernel(Q, K, V, Out, Lse, PrefixLens, KvLens, Table,
 def _delta_kernel(Out, DOut, Delta, stride_ob, stride_on, stride_oh, stride_db, stride_dn, stride_dh, H, NQ,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     """Δ[b, h, i] = Σ_d dO·O in fp32 (the rowsum(P ⊙ dP) of the softmax backward)."""
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(NQ, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     o = _load2d(Out + tl.cast(b, tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
                 offs_m, NQ, offs_d, HEAD_DIM, D_PAD, True)
@@ -352,8 +362,7 @@ def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, D
                  N_BUCKET, Q_BUCKET, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKEW_W: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _block_and_head(NK, BLOCK_N)
     b = pid_bh // H
     h = pid_bh % H
     start_n = pid_n * BLOCK_N
@@ -366,7 +375,7 @@ def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, D
     q_base = Q + tl.cast(b, tl.int64) * stride_qb + h * stride_qh
     do_base = DOut + tl.cast(b, tl.int64) * stride_db + h * stride_dh
     row_base = pid_bh.to(tl.int64) * NQ
-    DTab_row = DTab + (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_n) * TABLE_SIZE
+    DTab_row = DTab + (pid_bh.to(tl.int64) * tl.cdiv(NK, BLOCK_N) + pid_n) * TABLE_SIZE
     if HAS_BIAS:  # this program owns its buffer row: zero it (autotuning reruns the kernel)
         for t0 in range(0, TABLE_SIZE, BLOCK_N):
             offs_t = t0 + tl.arange(0, BLOCK_N)
@@ -446,8 +455,7 @@ def _dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, PrefixLens, KvLens, Table,
     Shared queries: the chunk's samples are summed in a fixed order in registers; with several chunks DQ is an
     fp32 (chunks, Nq, H, D) buffer the launcher sums in a fixed order (split over the batch: more programs
     when Nq·H is small, as for attention pooling, and still deterministic)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(NQ, BLOCK_M)
     chunk = pid_bh // H
     h = pid_bh % H
     start_m = pid_m * BLOCK_M
@@ -525,6 +533,14 @@ def _common(q, k, prefix_lens, kv_lens, causal, table, grid, start):
     return meta, lens(prefix_lens), lens(kv_lens), tab, tab_strides, (gh, gw, int(start))
 
 
+def _grid(name, device, n, block, programs_per_block, *rest):
+    """Launch grid (blocks of ``n`` rows × ``programs_per_block``, *rest) checked against CUDA's limits; ``block``
+    is a meta-parameter name (autotuned) or an int. Axis 0 holds the large product (see _block_and_head)."""
+    if isinstance(block, int):
+        return checked_grid(name, (triton.cdiv(n, block) * programs_per_block, *rest), device)
+    return checked_grid(name, lambda m: (triton.cdiv(n, m[block]) * programs_per_block, *rest), device)
+
+
 def _q_strides(q, batch):
     """q of batch 1 with k/v of batch B is one query set shared by the batch: batch stride 0."""
     return (0 if q.shape[0] != batch else q.stride(0)), q.stride(1), q.stride(2)
@@ -575,8 +591,7 @@ def attention_fwd(q, k, v, causal=False, prefix_lens=None, kv_lens=None, table=N
         out = torch.empty((splits, batch, nq, heads, dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((splits, batch, heads, nq), dtype=torch.float32, device=q.device)
     fwd, _, _ = _tuned()
-    launch = lambda m: (triton.cdiv(nq, m["BLOCK_M"]), batch * heads, splits)
-    fwd[launch](q, k, v, out, lse, plens, klens, tab, *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3],
+    fwd[_grid("attention.fwd", q.device, nq, "BLOCK_M", batch * heads, splits)](q, k, v, out, lse, plens, klens, tab, *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3],
                 *out.stride()[:4], lse.stride(0), *tstr, heads, nq, nk, splits, scale * LOG2E, gh, gw, s, **meta)
     if splits == 1:
         return out[0], lse[0]
@@ -600,7 +615,7 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
     meta, plens, klens, tab, tstr, (gh, gw, s) = _common(q, k, prefix_lens, kv_lens, causal, table, grid, start)
     delta = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
     d_blk = 64 if not _INTERPRET else 32
-    _delta_kernel[(triton.cdiv(nq, d_blk), batch * heads)](
+    _delta_kernel[_grid("attention.delta", q.device, nq, d_blk, batch * heads)](
         out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, nq, HEAD_DIM=dim, D_PAD=meta["D_PAD"],
         BLOCK_M=d_blk)
 
@@ -614,10 +629,11 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
                        dtype=torch.float32, device=q.device)
     used_blocks = {}
 
-    def dkdv_grid(m):
+    def key_blocks(m):  # remembers the autotuned BLOCK_N: it sizes the used part of the dtable buffer
         used_blocks["n"] = triton.cdiv(nk, m["BLOCK_N"])
-        return (used_blocks["n"], batch * heads)
+        return used_blocks["n"]
 
+    dkdv_grid = checked_grid("attention.dkdv", lambda m: (key_blocks(m) * batch * heads,), q.device)
     dkdv_kernel[dkdv_grid](q, k, v, dout, lse, delta, dk, dv, plens, klens, tab, dtab,
                            *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
                            *dk.stride()[:3], *dv.stride()[:3], *tstr, heads, nq, nk, scale * LOG2E, scale,
@@ -625,7 +641,7 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
     chunk, n_chunks = (_batch_chunks(batch, nq, heads, q.device) if q.shape[0] != batch else (1, batch))
     dq_out = dq if n_chunks == q.shape[0] else torch.empty((n_chunks, *q.shape[1:]), dtype=torch.float32,
                                                              device=q.device)
-    dq_kernel[lambda m: (triton.cdiv(nq, m["BLOCK_M"]), n_chunks * heads)](
+    dq_kernel[_grid("attention.dq", q.device, nq, "BLOCK_M", n_chunks * heads)](
         q, k, v, dout, lse, delta, dq_out, plens, klens, tab, *_q_strides(q, batch), *k.stride()[:3],
         *v.stride()[:3], *dout.stride()[:3], *dq_out.stride()[:3], *tstr, heads, nq, nk, batch, chunk,
         scale * LOG2E, scale, gh, gw, s, **meta)

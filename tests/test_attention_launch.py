@@ -1,0 +1,75 @@
+"""How the attention launchers launch: grids within CUDA's limits for huge batches, every launch inside the
+device guard. The grids are recorded without running anything (the kernels are replaced by recorders and the
+tensors live on the meta device), so shapes far beyond this machine's memory are checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlcore.kernels import _launch
+from vlcore.kernels import attention as ka
+
+KERNELS = ("attention.fwd", "attention.delta", "attention.dkdv", "attention.dq")
+
+
+class _Recorder:
+    """Stands for a (possibly autotuned) Triton kernel: ``kernel[grid](*args, **meta)`` evaluates the grid for
+    every tile config the launcher may pick (the smallest tiles give the largest grids) and launches nothing."""
+
+    def __init__(self, configs):
+        self.configs = configs
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            for config in self.configs:
+                if callable(grid):
+                    grid(dict(meta, **config.kwargs))
+        return launch
+
+
+def _every_config():
+    import triton
+
+    def configs(shapes, skew=False):
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **({"SKEW_W": 256} if skew else {})}, num_warps=w,
+                              num_stages=s) for bm, bn, w, s in shapes]
+    return configs(ka._FWD_SHAPES), configs(ka._DKDV_SHAPES, skew=True), configs(ka._DQ_SHAPES)
+
+
+@pytest.fixture
+def recorded_grids(monkeypatch):
+    fwd, dkdv, dq = _every_config()
+    monkeypatch.setattr(ka, "_tuned", lambda: (_Recorder(fwd), _Recorder(dkdv), _Recorder(dq)))
+    monkeypatch.setattr(ka, "_delta_kernel", _Recorder([None]))
+    grids = []
+    monkeypatch.setattr(_launch, "GRID_HOOKS", [lambda name, grid, device: grids.append((name, grid))])
+    return grids
+
+
+@pytest.mark.parametrize("shape", [
+    # (batch, nq, nk, heads, dim, table grid): Swin-T stage 1 at batch 256 (64 windows of 7×7 folded into the
+    # batch, 3 heads) and at 4 heads; CLIP-L-style embedding extraction at B = 4096 (16 heads, 257 tokens)
+    (256 * 64, 49, 49, 3, 32, (7, 7)),
+    (256 * 64, 49, 49, 4, 32, (7, 7)),
+    (4096, 257, 257, 16, 64, None),
+    (65_536, 16, 16, 2, 32, None),
+], ids=["swin-b256-3h", "swin-b256-4h", "clip-l-b4096", "b65536"])
+def test_grids_stay_within_cuda_limits(recorded_grids, shape):
+    batch, nq, nk, heads, dim, grid = shape
+    q, k, v = (torch.empty(batch, n, heads, dim, device="meta", dtype=torch.bfloat16) for n in (nq, nk, nk))
+    table = None if grid is None else torch.empty((2 * grid[0] - 1) * (2 * grid[1] - 1), heads, device="meta")
+    out, lse = ka.attention_fwd(q, k, v, table=table, grid=grid)
+    ka.attention_bwd(torch.empty_like(out), q, k, v, out, lse, table=table, grid=grid)
+    assert {name for name, _ in recorded_grids} == set(KERNELS)
+    for name, g in recorded_grids:
+        assert all(n <= limit for n, limit in zip(g, _launch.GRID_LIMITS)), (name, g)
+        if name != "attention.delta":  # every (b, h) pair gets its programs on axis 0
+            assert g[0] >= batch * heads, (name, g)
+
+
+def test_over_limit_grid_is_a_clear_error(recorded_grids):
+    """Past even axis 0's limit (2^31 − 1 programs), the launch is refused before anything runs."""
+    q = torch.empty(1 << 20, 4096, 16, 32, device="meta")
+    with pytest.raises(_launch.LaunchError, match=r"attention.fwd: grid axis 0 is \d+, over CUDA's limit"):
+        ka.attention_fwd(q, q, q)
