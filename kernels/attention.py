@@ -41,7 +41,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from vlcore.kernels._launch import checked_grid
+from vlcore.kernels._launch import checked_grid, launch_context
 from vlcore.kernels.attention_limits import SUPPORTED_HEAD_DIMS
 
 LOG2E = 1.4426950408889634
@@ -591,8 +591,10 @@ def attention_fwd(q, k, v, causal=False, prefix_lens=None, kv_lens=None, table=N
         out = torch.empty((splits, batch, nq, heads, dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((splits, batch, heads, nq), dtype=torch.float32, device=q.device)
     fwd, _, _ = _tuned()
-    fwd[_grid("attention.fwd", q.device, nq, "BLOCK_M", batch * heads, splits)](q, k, v, out, lse, plens, klens, tab, *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3],
-                *out.stride()[:4], lse.stride(0), *tstr, heads, nq, nk, splits, scale * LOG2E, gh, gw, s, **meta)
+    with launch_context("attention.fwd", q):
+        fwd[_grid("attention.fwd", q.device, nq, "BLOCK_M", batch * heads, splits)](
+            q, k, v, out, lse, plens, klens, tab, *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3],
+            *out.stride()[:4], lse.stride(0), *tstr, heads, nq, nk, splits, scale * LOG2E, gh, gw, s, **meta)
     if splits == 1:
         return out[0], lse[0]
     # merge the splits (fixed order: deterministic): lse = log Σ_s e^{lse_s}, out = Σ_s e^{lse_s − lse}·out_s;
@@ -615,9 +617,10 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
     meta, plens, klens, tab, tstr, (gh, gw, s) = _common(q, k, prefix_lens, kv_lens, causal, table, grid, start)
     delta = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
     d_blk = 64 if not _INTERPRET else 32
-    _delta_kernel[_grid("attention.delta", q.device, nq, d_blk, batch * heads)](
-        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, nq, HEAD_DIM=dim, D_PAD=meta["D_PAD"],
-        BLOCK_M=d_blk)
+    with launch_context("attention.delta", q):
+        _delta_kernel[_grid("attention.delta", q.device, nq, d_blk, batch * heads)](
+            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, nq, HEAD_DIM=dim, D_PAD=meta["D_PAD"],
+            BLOCK_M=d_blk)
 
     _, dkdv_kernel, dq_kernel = _tuned()
     # gradients take their input's layout (as the registered op's fake does); the kernels take any strides
@@ -634,17 +637,19 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
         return used_blocks["n"]
 
     dkdv_grid = checked_grid("attention.dkdv", lambda m: (key_blocks(m) * batch * heads,), q.device)
-    dkdv_kernel[dkdv_grid](q, k, v, dout, lse, delta, dk, dv, plens, klens, tab, dtab,
-                           *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
-                           *dk.stride()[:3], *dv.stride()[:3], *tstr, heads, nq, nk, scale * LOG2E, scale,
-                           gh, gw, s, table_size, **meta)
+    with launch_context("attention.dkdv", q):
+        dkdv_kernel[dkdv_grid](q, k, v, dout, lse, delta, dk, dv, plens, klens, tab, dtab,
+                               *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
+                               *dk.stride()[:3], *dv.stride()[:3], *tstr, heads, nq, nk, scale * LOG2E, scale,
+                               gh, gw, s, table_size, **meta)
     chunk, n_chunks = (_batch_chunks(batch, nq, heads, q.device) if q.shape[0] != batch else (1, batch))
     dq_out = dq if n_chunks == q.shape[0] else torch.empty((n_chunks, *q.shape[1:]), dtype=torch.float32,
                                                              device=q.device)
-    dq_kernel[_grid("attention.dq", q.device, nq, "BLOCK_M", n_chunks * heads)](
-        q, k, v, dout, lse, delta, dq_out, plens, klens, tab, *_q_strides(q, batch), *k.stride()[:3],
-        *v.stride()[:3], *dout.stride()[:3], *dq_out.stride()[:3], *tstr, heads, nq, nk, batch, chunk,
-        scale * LOG2E, scale, gh, gw, s, **meta)
+    with launch_context("attention.dq", q):
+        dq_kernel[_grid("attention.dq", q.device, nq, "BLOCK_M", n_chunks * heads)](
+            q, k, v, dout, lse, delta, dq_out, plens, klens, tab, *_q_strides(q, batch), *k.stride()[:3],
+            *v.stride()[:3], *dout.stride()[:3], *dq_out.stride()[:3], *tstr, heads, nq, nk, batch, chunk,
+            scale * LOG2E, scale, gh, gw, s, **meta)
     if dq_out is not dq:
         dq.copy_(dq_out.sum(0, keepdim=True))  # fixed-order reduction over the chunks: deterministic
     dtable = None

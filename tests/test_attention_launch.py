@@ -73,3 +73,21 @@ def test_over_limit_grid_is_a_clear_error(recorded_grids):
     q = torch.empty(1 << 20, 4096, 16, 32, device="meta")
     with pytest.raises(_launch.LaunchError, match=r"attention.fwd: grid axis 0 is \d+, over CUDA's limit"):
         ka.attention_fwd(q, q, q)
+
+
+def test_every_launch_runs_inside_the_device_guard(monkeypatch):
+    """Triton launches on the *current* device: each launcher must enter its tensors' device first (on CPU the
+    interpreter runs, and the hooks see which guard each launch entered and that it came before the grid)."""
+    events = []
+    monkeypatch.setattr(_launch, "GUARD_HOOKS", [lambda name, device: events.append(("guard", name, device))])
+    monkeypatch.setattr(_launch, "GRID_HOOKS", [lambda name, grid, device: events.append(("grid", name, device))])
+    q, k, v = torch.randn(1, 5, 2, 32), torch.randn(2, 40, 2, 32), torch.randn(2, 40, 2, 32)
+    table = torch.randn(9, 2)
+    out, lse = ka.attention_fwd(q, k, v, causal=True, table=table, grid=(2, 2), start=1)
+    ka.attention_bwd(torch.randn_like(out), q, k, v, out, lse, causal=True, table=table, grid=(2, 2), start=1)
+    guarded = [name for kind, name, _ in events if kind == "guard"]
+    assert sorted(set(guarded)) == sorted(KERNELS)
+    for i, (kind, name, device) in enumerate(events):
+        if kind == "grid":  # the nearest guard entered before this grid is this kernel's
+            last_guard = next(e for e in reversed(events[:i]) if e[0] == "guard")
+            assert last_guard[1] == name and last_guard[2] == q.device, (events[:i + 1])
