@@ -602,7 +602,7 @@ def attention_fwd(q, k, v, causal=False, prefix_lens=None, kv_lens=None, table=N
     total = torch.logsumexp(lse, dim=0)
     weight = torch.exp(lse - total).nan_to_num_(0.0)
     merged = (weight.permute(0, 1, 3, 2).unsqueeze(-1) * out).sum(0)
-    return merged.to(q.dtype), total
+    return merged.to(q.dtype).contiguous(), total
 
 
 def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_lens=None, table=None, grid=None,
@@ -612,8 +612,8 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
     nq = q.shape[1]
     scale = dim ** -0.5 if scale is None else scale
     if batch * nq * nk * heads == 0:
-        dtable = None if table is None else torch.zeros_like(table)
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dtable
+        zeros = lambda t: torch.zeros(t.shape, dtype=t.dtype, device=t.device)  # contiguous, whatever t's strides
+        return zeros(q), zeros(k), zeros(v), None if table is None else zeros(table)
     meta, plens, klens, tab, tstr, (gh, gw, s) = _common(q, k, prefix_lens, kv_lens, causal, table, grid, start)
     delta = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
     d_blk = 64 if not _INTERPRET else 32
@@ -623,8 +623,9 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
             BLOCK_M=d_blk)
 
     _, dkdv_kernel, dq_kernel = _tuned()
-    # gradients take their input's layout (as the registered op's fake does); the kernels take any strides
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous gradients whatever the input strides, as the registered op's fake promises (inductor checks the
+    # strides: empty_like would copy a permuted layout); the kernels take any strides
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     table_size = table.shape[0] if table is not None else 0
     # (programs, table) partial sums of dtable (each program zeroes its row); sized for the smallest BLOCK_N
     max_key_blocks = triton.cdiv(nk, min(c.kwargs["BLOCK_N"] for c in dkdv_kernel.configs))
@@ -656,7 +657,8 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
     if table is not None:
         n_used = used_blocks["n"]
         parts = dtab[: batch * heads * n_used].view(batch, heads, n_used, table_size)
-        dtable = parts.sum(dim=(0, 2)).t().to(table.dtype)  # fixed-order reduction: deterministic
+        # fixed-order reduction: deterministic; (H, T) summed, returned as a contiguous (T, H) like the fake
+        dtable = parts.sum(dim=(0, 2)).t().to(table.dtype).contiguous()
     return dq, dk, dv, dtable
 
 
