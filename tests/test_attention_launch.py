@@ -40,7 +40,10 @@ def _every_config():
 @pytest.fixture
 def recorded_grids(monkeypatch):
     fwd, dkdv, dq = _every_config()
-    monkeypatch.setattr(ka, "_tuned", lambda: (_Recorder(fwd), _Recorder(dkdv), _Recorder(dq)))
+    recorders = {"fwd": _Recorder(fwd), "dkdv": _Recorder(dkdv), "dq": _Recorder(dq)}
+    # autotuned handles and the plain jit functions (fixed configs: deterministic mode, autotuning off)
+    monkeypatch.setattr(ka, "_tuned", lambda: tuple(recorders.values()))
+    monkeypatch.setattr(ka, "_JIT", recorders)
     monkeypatch.setattr(ka, "_delta_kernel", _Recorder([None]))
     grids = []
     monkeypatch.setattr(_launch, "GRID_HOOKS", [lambda name, grid, device: grids.append((name, grid))])

@@ -51,12 +51,10 @@ def _load_triton():
 
 
 def _triton_supports(problem: dispatch.Problem) -> list[str]:
-    from vlcore.kernels.attention_limits import SUPPORTED_HEAD_DIMS
+    from vlcore.kernels.attention_limits import head_dim_refusal
 
-    dim = problem["head_dim"]
-    if dim not in SUPPORTED_HEAD_DIMS:
-        return [f"head dim {dim} not supported (supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})"]
-    return []
+    refusal = head_dim_refusal(problem["head_dim"])
+    return [refusal] if refusal else []
 
 
 dispatch.register(dispatch.Backend(
