@@ -41,7 +41,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from vlcore.kernels._launch import checked_grid, launch_context
+from vlcore.kernels._launch import checked_grid, deterministic, launch_context
 from vlcore.kernels.attention_limits import SUPPORTED_HEAD_DIMS
 
 LOG2E = 1.4426950408889634
@@ -554,7 +554,9 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 def _autotuning() -> bool:
-    return os.environ.get("VLCORE_ATTENTION_AUTOTUNE", "1") != "0"
+    """Autotune unless in deterministic mode (autotuning picks tiles by timing, and tiles change the summation
+    order: two processes could differ in bits) or switched off (VLCORE_ATTENTION_AUTOTUNE=0)."""
+    return not deterministic() and os.environ.get("VLCORE_ATTENTION_AUTOTUNE", "1") != "0"
 
 
 def _kernel(name: str, meta: dict, dtype: torch.dtype, device: torch.device):
