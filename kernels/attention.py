@@ -41,7 +41,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from vlcore.kernels._launch import checked_grid, deterministic, launch_context
+from vlcore.kernels._launch import checked_grid, deterministic, fp32_dot_precision, launch_context
 from vlcore.kernels.attention_limits import SUPPORTED_HEAD_DIMS
 
 LOG2E = 1.4426950408889634
@@ -580,7 +580,8 @@ def _common(q, k, prefix_lens, kv_lens, causal, table, grid, start):
     meta = dict(N_BUCKET=_seq_bucket(max(q.shape[1], nk)), Q_BUCKET=q_bucket, HEAD_DIM=dim, D_PAD=d_pad,
                 CAUSAL=bool(causal or prefix_lens is not None), HAS_PREFIX=prefix_lens is not None,
                 HAS_KVLEN=kv_lens is not None, HAS_BIAS=has_bias,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                # fp32: TF32 only when the user opted in through torch (16-bit operands ignore it)
+                DOT_PRECISION=fp32_dot_precision(_INTERPRET) if q.dtype == torch.float32 else "tf32")
     tab = table if has_bias else k.new_empty(0)
     tab_strides = (table.stride(0), table.stride(1)) if has_bias else (0, 0)
     return meta, lens(prefix_lens), lens(kv_lens), tab, tab_strides, (gh, gw, int(start))

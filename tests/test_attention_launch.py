@@ -94,3 +94,40 @@ def test_every_launch_runs_inside_the_device_guard(monkeypatch):
         if kind == "grid":  # the nearest guard entered before this grid is this kernel's
             last_guard = next(e for e in reversed(events[:i]) if e[0] == "guard")
             assert last_guard[1] == name and last_guard[2] == q.device, (events[:i + 1])
+
+
+@pytest.fixture
+def launched_precisions(monkeypatch):
+    """DOT_PRECISION of every kernel launch (as on a GPU: the interpreter has no TF32)."""
+    seen = []
+
+    class Capture:
+        configs = ()
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: seen.append(meta["DOT_PRECISION"])
+
+    monkeypatch.setattr(ka, "_INTERPRET", False)
+    monkeypatch.setattr(ka, "_kernel", lambda name, meta, dtype, device: (Capture(), {"BLOCK_N": 32}))
+    monkeypatch.setattr(ka, "_delta_kernel", _Recorder([None]))
+    return seen
+
+
+def _launch_fwd_bwd(dtype):
+    q = torch.empty(2, 40, 2, 32, device="meta", dtype=dtype)
+    out, lse = ka.attention_fwd(q, q, q)
+    ka.attention_bwd(torch.empty_like(out), q, q, q, out, lse)
+
+
+@pytest.mark.parametrize("opt_in", ["none", "allow_tf32", "precision_high", "precision_medium"])
+def test_fp32_uses_tf32_only_on_torch_opt_in(launched_precisions, opt_in):
+    precision = torch.get_float32_matmul_precision()
+    try:  # one API per case (torch refuses to read a state set through both); the precision also sets the flag
+        torch.set_float32_matmul_precision(opt_in.split("_")[1] if opt_in.startswith("precision") else "highest")
+        if opt_in == "allow_tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        _launch_fwd_bwd(torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    expected = "ieee" if opt_in == "none" else "tf32"
+    assert launched_precisions == [expected] * 3  # fwd, dkdv, dq
