@@ -7,9 +7,10 @@
 //               dims through shared memory). l2 with fp16/bf16 x and the codebook in x's dtype: the 64 x 64 tile of
 //               dot products comes from WMMA tensor-core fragments (exact 16-bit products, fp32 accumulation);
 //               otherwise (fp32, cosine) each thread accumulates a 4 x 4 micro-tile with fp32 FMAs. Per row, the
-//               16 lanes of a half-warp that share it reduce (score, index) with shuffles (warp-level argmin, ties
-//               to the lower index); a later tile replaces the running best only when strictly smaller. Nothing
-//               of size N x K exists, not even in shared memory.
+//               16 lanes of a half-warp that share it reduce (score, index) with shuffles (warp-level argmin in
+//               torch.argmin's order: NaN first, ties to the lower index); a later tile replaces the running
+//               best only when strictly better. The host maps duplicate entries to their first copy afterwards.
+//               Nothing of size N x K exists, not even in shared memory.
 //   statistics  rows ordered by entry on the host (stable sort, offsets); one block per (entry, 32 columns):
 //               8 warps stride over the entry's rows, then the 8 partial sums are added in a fixed order in shared
 //               memory. No float atomics: bitwise deterministic (at the cost of serialising a very large entry).
@@ -46,9 +47,14 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(v);
 }
 
-// Keep the smaller score; on equal scores the lower index.
+// torch.argmin's order: a NaN before every number, then the smaller score, then the lower index.
+__device__ __forceinline__ bool argmin_before(float ov, int oi, float v, int i) {
+  const bool onan = isnan(ov), nan = isnan(v);
+  return (onan && !nan) || ov < v || ((ov == v || (onan && nan)) && oi < i);
+}
+
 __device__ __forceinline__ void argmin_merge(float& v, int& i, float ov, int oi) {
-  if (ov < v || (ov == v && oi < i)) {
+  if (argmin_before(ov, oi, v, i)) {
     v = ov;
     i = oi;
   }
@@ -104,7 +110,8 @@ __device__ __forceinline__ void fold_tile(const float (&dots)[4][4], const float
       const int oi = __shfl_xor_sync(0xffffffffu, vi, off);
       argmin_merge(v, vi, ov, oi);
     }
-    if (v < best[i]) {  // strict: an equal score in a later tile keeps the lower index
+    // strict: an equal score in a later tile keeps the lower index; a NaN replaces only a number
+    if (v < best[i] || (isnan(v) && !isnan(best[i]))) {
       best[i] = v;
       best_idx[i] = vi;
     }
@@ -121,7 +128,8 @@ __device__ __forceinline__ void store_best(const float (&best)[4], const int (&b
     const int64_t gr = row0 + r;
     if (gr < n) {
       idx_out[gr] = best_idx[i];
-      dist_out[gr] = fmaxf(__fadd_rn(best[i], row_sq[r]), 0.f);
+      const float d = __fadd_rn(best[i], row_sq[r]);
+      dist_out[gr] = d < 0.f ? 0.f : d;  // clamp at 0; NaN stays NaN (fmaxf would return 0)
     }
   }
 }
