@@ -311,6 +311,10 @@ std::string last_error(const char* what) {
   return std::string(what) + ": " + cudaGetErrorString(err);
 }
 
+// Called right before a launch: a pending (non-sticky) error left by someone else's launch must not be
+// reported as this launch's error by last_error afterwards.
+void clear_pending_error() { cudaGetLastError(); }
+
 template <typename TX, typename TE>
 void launch_nearest(uintptr_t x, uintptr_t e, uintptr_t e_sq, uintptr_t idx, uintptr_t dist, int64_t n, int64_t k,
                     int64_t dim, int64_t sx, int64_t se, bool cosine, float norm_eps, cudaStream_t stream) {
@@ -338,6 +342,7 @@ std::string vq_nearest(uintptr_t x, uintptr_t e, uintptr_t e_sq, uintptr_t idx, 
   if (n < 0 || k <= 0 || dim <= 0) return "vq_nearest: sizes must be positive";
   if ((n + kRows - 1) / kRows > 0x7fffffffLL) return "vq_nearest: too many rows for one launch";
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  clear_pending_error();
   if (e_dtype == kFloat32) {
     switch (x_dtype) {
       case kFloat32: launch_nearest<float, float>(x, e, e_sq, idx, dist, n, k, dim, sx, se, cosine, norm_eps, stream); break;
@@ -365,6 +370,7 @@ std::string vq_statistics(uintptr_t x, uintptr_t order, uintptr_t offsets, uintp
   if (k <= 0 || dim <= 0) return "vq_statistics: sizes must be positive";
   if (k > 0x7fffffffLL || (dim + kStatCols - 1) / kStatCols > 65535) return "vq_statistics: K or D too large";
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  clear_pending_error();
   const dim3 grid(static_cast<unsigned>(k), static_cast<unsigned>((dim + kStatCols - 1) / kStatCols));
   const int threads = kStatWarps * 32;
   const auto* ord = reinterpret_cast<const int64_t*>(order);
@@ -395,6 +401,7 @@ std::string vq_ema(uintptr_t codebook, uintptr_t ema_counts, uintptr_t ema_sums,
   const int threads = 256;
   const int64_t blocks = (k * dim + threads - 1) / threads;
   if (blocks > 0x7fffffffLL) return "vq_ema: K x D too large for one launch";
+  clear_pending_error();
   ema_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
       reinterpret_cast<float*>(codebook), reinterpret_cast<const float*>(ema_counts),
       reinterpret_cast<float*>(ema_sums), reinterpret_cast<const float*>(packed), reinterpret_cast<const float*>(total),
