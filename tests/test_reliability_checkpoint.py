@@ -150,6 +150,44 @@ def test_pickle_planted_beside_a_good_checkpoint_is_never_opened(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+def _reseal(ckpts, step):
+    """Rewrite step ``step``'s manifest to match its files as they are now: what a tamperer can do."""
+    paths = checkpoint._paths(ckpts, step)
+    doc = json.loads(paths["manifest"].read_text())
+    doc["files"] = {paths[p].name: {"bytes": paths[p].stat().st_size, "sha256": checkpoint._sha256(paths[p])}
+                    for p in ("weights", "state", "skeleton")}
+    paths["manifest"].write_text(json.dumps(doc))
+
+
+_F = f'{{"format": "{checkpoint.FORMAT}", "state": '
+_CRAFTED = [
+    pytest.param("skeleton", b"[" * 100_000, id="nesting-deeper-than-the-stack"),
+    pytest.param("skeleton", b"\xff\xfe not text", id="not-utf8"),
+    pytest.param("skeleton", (_F + '{"__tensor__": "nope"}}').encode(), id="unknown-tensor"),
+    pytest.param("skeleton", (_F + '{"__ndarray__": "t0", "dtype": "|O", "shape": [1]}}').encode(), id="object-dtype"),
+    pytest.param("skeleton", (_F + '{"__ndarray__": "t0", "dtype": "<f8", "shape": [999]}}').encode(), id="bad-shape"),
+    pytest.param("skeleton", (_F + '{"__items__": [[[1], 2]]}}').encode(), id="unhashable-key"),
+    pytest.param("skeleton", (_F + '{"__float__": "os.system"}}').encode(), id="bad-float"),
+    pytest.param("skeleton", (_F + '{"__tuple__": 5}}').encode(), id="bad-tuple"),
+    pytest.param("state", b"\xff" * 8 + b"{}", id="header-past-the-end"),
+    pytest.param("weights", b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"a": "b"}      ', id="bad-header"),
+    pytest.param("weights", bytes(range(64)), id="noise"),
+]
+
+
+@pytest.mark.parametrize("part, content", _CRAFTED)
+def test_crafted_files_with_a_matching_manifest_give_one_clear_error(tmp_path, part, content):
+    """Hashes are not signatures: a file crafted to match its manifest may reach the parsers, which must read
+    nothing but tensors and JSON and fail with a CheckpointError naming the file."""
+    _save(tmp_path, 1)
+    ckpts = tmp_path / "checkpoints"
+    target = checkpoint._paths(ckpts, 1)[part]
+    target.write_bytes(content)
+    _reseal(ckpts, 1)
+    with pytest.raises(checkpoint.CheckpointError, match=target.name.replace(".", r"\.")):
+        checkpoint.load_checkpoint(tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------- 2. checksums
 def _flip_byte(path, where=-1):
     data = bytearray(path.read_bytes())

@@ -27,6 +27,7 @@ write a matching manifest, and all they can make vlcore load is tensors and JSON
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from vlcore.train import state_codec
@@ -213,15 +214,27 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint weights {path} do not exist")
     _refuse_pickle(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    aliases = json.loads(meta.get("aliases", "{}"))
-    if not isinstance(aliases, dict) or not all(isinstance(v, str) and v in tensors for v in aliases.values()):
-        raise CheckpointError(f"{path}: the 'aliases' metadata does not name tensors of the file")
+    with _parsing(path):
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        aliases = json.loads(meta.get("aliases", "{}"))
+        if not isinstance(aliases, dict) or not all(isinstance(v, str) and v in tensors for v in aliases.values()):
+            raise CheckpointError(f"{path}: the 'aliases' metadata does not name tensors of the file")
     for alias, name in aliases.items():
         tensors[alias] = tensors[name]
     return tensors, meta
+
+
+@contextlib.contextmanager
+def _parsing(path: Path):
+    """Whatever a damaged or crafted file makes the parsers raise becomes one CheckpointError naming it."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (SafetensorError, ValueError, RecursionError, TypeError, KeyError, OverflowError) as e:
+        raise CheckpointError(f"{path} is not a valid checkpoint file ({type(e).__name__}: {e})") from None
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -234,12 +247,14 @@ def _refuse_pickle(path: Path) -> None:
 def load_state(ckpt_dir: str | Path, step: int) -> dict:
     """The training state of step ``step``: its tensors (safetensors) placed into its JSON skeleton."""
     paths = _paths(Path(ckpt_dir), step)
-    with safe_open(str(paths["state"]), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    doc = json.loads(paths["skeleton"].read_text())
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or "state" not in doc:
-        raise CheckpointError(f"{paths['skeleton']}: not a {FORMAT} training state")
-    return state_codec.decode(tensors, doc["state"])
+    with _parsing(paths["state"]):
+        with safe_open(str(paths["state"]), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    with _parsing(paths["skeleton"]):
+        doc = json.loads(paths["skeleton"].read_text())
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT or "state" not in doc:
+            raise CheckpointError(f"{paths['skeleton']}: not a {FORMAT} training state")
+        return state_codec.decode(tensors, doc["state"])
 
 
 def verify(ckpt_dir: str | Path, step: int, parts=tuple(_PARTS)) -> None:
@@ -250,7 +265,7 @@ def verify(ckpt_dir: str | Path, step: int, parts=tuple(_PARTS)) -> None:
         doc = json.loads(manifest.read_text())
         files = doc["files"]
         assert isinstance(files, dict) and doc.get("format") == FORMAT
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AssertionError, RecursionError) as e:
         raise CheckpointError(f"{manifest} is missing or unreadable ({type(e).__name__}: {e})") from None
     for part in parts:
         path = paths[part]  # names come from the step, never from the manifest: it cannot point elsewhere
@@ -381,12 +396,10 @@ def load_checkpoint(path: str | Path, with_state: bool = True) -> dict:
     weights = where if step is None else _paths(where, step)["weights"]
     tensors, meta = load_weights(weights)
     parsed = dict(meta)
-    try:
+    with _parsing(weights):
         for k in ("config", "tokenizer", "data"):
             if k in parsed:
                 parsed[k] = json.loads(parsed[k])
-    except ValueError as e:
-        raise CheckpointError(f"{weights}: metadata {k!r} is not JSON ({e})") from None
     train_state = None
     if with_state and step is not None:
         train_state = load_state(where, step)
