@@ -326,12 +326,13 @@ def test_overwrite_replaces_only_vlcores_files_of_the_old_run(tmp_path, capsys):
     _fake_run(run)
     _save(run, 50)  # a checkpoint of the old run that the new run's fallback must never find
     (run / "notes.txt").write_text("mine")
+    (run / "eval-20260101-120000.json").write_text("{}")  # vlcore eval's output for the old run
     rc = cli.main(["pretrain", "--model", "test-tiny", "--steps", "2", "--batch-size", "4", "--save-every", "1",
                    "--out-dir", str(run), "--overwrite", "--eval", "off", "--quiet", "--device", "cpu"])
     assert rc == 0
     assert checkpoint.complete_steps(run / "checkpoints") == [2, 1]
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    assert (run / "notes.txt").read_text() == "mine"
+    assert (run / "notes.txt").read_text() == "mine" and not (run / "eval-20260101-120000.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------- 4. disk full

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from vlcore.train import checkpoint
 
-OWN_FILES = ("metrics.jsonl", "metrics.png", "config.json", "tokenizer.json", "eval.json")
-_OWN_CHECKPOINT_FILES = re.compile(r"(step-\d+\..+|latest\.json|\..+\.tmp)")
+_OWN_FILES = re.compile(r"metrics\.jsonl|metrics\.png|config\.json|tokenizer\.json|eval(-[\d-]+)?\.json")
+_OWN_CHECKPOINT_FILES = re.compile(r"step-\d+\..+|latest\.json|\..+\.tmp")
 
 
 class RunFolderExists(FileExistsError):
@@ -52,10 +52,9 @@ def prepare(run_dir: str | Path, resume: str | Path | None, overwrite: bool) -> 
     run_dir.mkdir(parents=True, exist_ok=True)
     removed = []
     if clear:
-        removed += [run_dir / n for n in OWN_FILES if (run_dir / n).is_file()]
-        ckpts = run_dir / "checkpoints"
-        if ckpts.is_dir():
-            removed += [p for p in ckpts.iterdir() if p.is_file() and _OWN_CHECKPOINT_FILES.fullmatch(p.name)]
+        for folder, own in ((run_dir, _OWN_FILES), (run_dir / "checkpoints", _OWN_CHECKPOINT_FILES)):
+            if folder.is_dir():
+                removed += [p for p in folder.iterdir() if p.is_file() and own.fullmatch(p.name)]
         for p in removed:
             p.unlink()
     return removed + checkpoint.clean_temporaries(run_dir) + checkpoint.clean_temporaries(run_dir / "checkpoints")
