@@ -266,6 +266,21 @@ def test_pruning_keeps_the_checkpoint_resumed_from(tmp_path):
     assert not any(n.startswith("step-00000002") for n in names)
 
 
+def test_pruning_does_not_count_a_damaged_checkpoint_as_kept(tmp_path):
+    _save(tmp_path, 1, keep=2)
+    _save(tmp_path, 2, keep=2)
+    _flip_byte(tmp_path / "checkpoints" / "step-00000002.state.safetensors")  # damaged on disk later
+    _save(tmp_path, 3, keep=2)
+    assert checkpoint.complete_steps(tmp_path / "checkpoints") == [3, 2, 1]  # step 1 is the second good one
+    _flip_byte(tmp_path / "checkpoints" / "step-00000003.safetensors")
+    with pytest.warns(checkpoint.CheckpointFallbackWarning, match=r"step-00000003\.safetensors is damaged"):
+        assert checkpoint.load_checkpoint(tmp_path)["step"] == 1
+    _save(tmp_path, 4, keep=2)
+    assert checkpoint.complete_steps(tmp_path / "checkpoints") == [4, 3, 2, 1]
+    _save(tmp_path, 5, keep=2)
+    assert checkpoint.complete_steps(tmp_path / "checkpoints") == [5, 4, 1]  # 1: resumed from above
+
+
 def test_stale_temporaries_are_cleaned_when_a_run_starts(tmp_path):
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir(parents=True)

@@ -15,7 +15,8 @@ name. The manifest is written after the files it lists (its hashes are read back
 moves only after it, so a crash at any point leaves ``latest.json`` naming a complete checkpoint. A failed write
 raises :class:`CheckpointWriteError` (an OSError; errno ENOSPC and "no space left on device writing <file>" when
 the disk is full) and leaves every earlier checkpoint as it was. Pruning keeps the newest ``keep`` complete
-checkpoints, always the one just written, and never the one this process resumed from.
+checkpoints whose files still match their manifests (a damaged one does not count), always the one just
+written, and never the one this process resumed from.
 
 Loading a run folder (or its ``checkpoints/`` or ``latest.json``) verifies the checkpoint ``latest.json`` names
 against its manifest; a missing, truncated or altered file or a broken ``latest.json`` gives a warning naming
@@ -178,7 +179,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, train_sta
     _write_json(ckpt_dir / "latest.json", {"step": step, "manifest": paths["manifest"].name,
                                            "weights": paths["weights"].name, "state": paths["state"].name})
     if keep > 0:
-        prune(ckpt_dir, keep, protect={step, _resumed_from.get(ckpt_dir.resolve())})
+        prune(ckpt_dir, keep, protect={step, _resumed_from.get(ckpt_dir.resolve())}, trusted=step)
     return paths["weights"]
 
 
@@ -189,19 +190,30 @@ def complete_steps(ckpt_dir: str | Path) -> list[int]:
     return sorted((int(m.group(1)) for m in found if m), reverse=True)
 
 
-def prune(ckpt_dir: str | Path, keep: int, protect=()) -> list[Path]:
-    """Delete the files of every checkpoint older than the newest ``keep`` complete ones, except ``protect``."""
+def prune(ckpt_dir: str | Path, keep: int, protect=(), trusted: int | None = None) -> list[Path]:
+    """Keep the newest ``keep`` checkpoints whose files match their manifests (a damaged one does not count) and
+    the steps in ``protect``; delete every other checkpoint older than the oldest kept one. ``trusted``: a step
+    just written and hashed, not read again. Costs reading up to ``keep - 1`` older checkpoints."""
     ckpt_dir = Path(ckpt_dir)
-    steps = complete_steps(ckpt_dir)
-    if not steps:
+    good: list[int] = []
+    for step in complete_steps(ckpt_dir):
+        if len(good) == keep:
+            break
+        try:
+            if step != trusted:
+                verify(ckpt_dir, step)
+            good.append(step)
+        except CheckpointError:
+            continue
+    if not good:
         return []
-    kept = set(steps[:keep]) | {s for s in protect if s is not None}
+    kept = set(good) | {s for s in protect if s is not None}
     removed = []
     for p in ckpt_dir.glob("step-*"):
         m = re.match(r"step-(\d+)\.", p.name)
-        if m and int(m.group(1)) < steps[0] and int(m.group(1)) not in kept:
-            # The manifest goes first: a half-pruned checkpoint is then incomplete, never damaged-but-listed.
+        if m and int(m.group(1)) < good[-1] and int(m.group(1)) not in kept:
             removed.append(p)
+    # Manifests go first: a half-pruned checkpoint is then incomplete, never damaged-but-listed.
     for p in sorted(removed, key=lambda p: not _MANIFEST.fullmatch(p.name)):
         p.unlink(missing_ok=True)
     return removed
