@@ -120,6 +120,9 @@ def _add_pretrain(sub) -> None:
     c.add_argument("--out-dir", default=None, help="run folder (default runs/<model>-<date>-<time>)")
     c.add_argument("--resume", default=None, metavar="PATH",
                    help="continue a run exactly: its folder, its checkpoints/latest.json or a weights file")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out-dir (its metrics, config and checkpoints); without it "
+                        "an existing run folder is an error")
     c.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (and at the end)")
     c.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep")
     c.add_argument("--log-every", type=int, default=d.log_every, help="metrics JSONL record every N steps")
@@ -138,7 +141,8 @@ def _cmd_pretrain(args) -> int:
                       weight_decay=args.weight_decay, clip_grad=args.clip_grad, seed=args.seed,
                       precision=args.precision, device=args.device, compile=args.compile,
                       activation_checkpointing=args.activation_checkpointing, dist=args.dist,
-                      out_dir=args.out_dir, resume=args.resume, save_every=args.save_every, keep=args.keep,
+                      out_dir=args.out_dir, resume=args.resume, overwrite=args.overwrite,
+                      save_every=args.save_every, keep=args.keep,
                       log_every=args.log_every, eval=args.eval, tokenizer=args.tokenizer,
                       vocab_size=args.vocab_size, max_text_len=args.max_text_len, image_size=args.image_size,
                       num_workers=args.num_workers, threads=args.threads,
@@ -147,7 +151,17 @@ def _cmd_pretrain(args) -> int:
     for name in ("steps", "batch_size", "grad_accum"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"vlcore pretrain: --{name.replace('_', '-')} must be >= 1; got {getattr(cfg, name)}")
-    pretrain(cfg)
+    from vlcore.train.checkpoint import CheckpointWriteError
+    from vlcore.train.run_folder import RunFolderExists
+
+    try:
+        pretrain(cfg)
+    except RunFolderExists as e:  # a usage error: one line, exit 2
+        print(f"vlcore pretrain: {e}", file=sys.stderr)
+        return 2
+    except CheckpointWriteError as e:  # disk full etc.: the previous checkpoint is intact
+        print(f"vlcore pretrain: {e}; earlier checkpoints are intact", file=sys.stderr)
+        return 1
     return 0
 
 

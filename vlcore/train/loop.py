@@ -29,7 +29,7 @@ from vlcore.data.digits_scenes import ANSWERS, QUESTIONS, DigitsScenes, in_words
 from vlcore.data.loader import Collator, DigitsSource, ShardSource
 from vlcore.data.shards import ShardStream, read_captions
 from vlcore.data.tokenizer import ByteBPETokenizer
-from vlcore.train import checkpoint, distributed, evaluation
+from vlcore.train import checkpoint, distributed, evaluation, run_folder
 from vlcore.train.optim import build_optimizer, build_scheduler
 from vlcore.train.progress import MetricsLog, Progress, plot_metrics
 
@@ -56,6 +56,7 @@ class TrainConfig:
     dist: str = "ddp"
     out_dir: str | None = None
     resume: str | None = None
+    overwrite: bool = False  # replace the run already in out_dir (else that is an error)
     save_every: int = 500
     keep: int = 2
     log_every: int = 10
@@ -178,8 +179,7 @@ def _broadcast_object(obj, info):
 
 
 def _run_dir_of(resume: str) -> Path:
-    weights, _ = checkpoint.resolve(resume)
-    return weights.parent.parent
+    return checkpoint.run_dir_of(resume)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -224,6 +224,10 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
         # workers; oversubscribed threads spin-wait and cost far more than they gain.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local - cfg.num_workers))
+    refused = _broadcast_object(run_folder.refusal(cfg.out_dir, cfg.resume, cfg.overwrite) if info.is_main else None,
+                                info)  # decided once: every rank must stop, or none
+    if refused:
+        raise run_folder.RunFolderExists(refused)
     resumed = checkpoint.load_checkpoint(cfg.resume) if cfg.resume else None
     if resumed is not None:
         meta = resumed["metadata"]
@@ -231,7 +235,7 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
             _log(info, f"note: resuming a {meta['model']} checkpoint (--model {cfg.model} ignored)")
         cfg.model = meta["model"]
         if resumed["train_state"] is None:
-            raise FileNotFoundError(f"--resume {cfg.resume}: the checkpoint has no training state (.state.pt); it "
+            raise FileNotFoundError(f"--resume {cfg.resume}: the checkpoint has no training state (.state.*); it "
                                     "can be evaluated but not resumed")
         saved_world = resumed["train_state"].get("world_size", 1)
         if saved_world != info.world_size:
@@ -251,7 +255,7 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
         stamp = _broadcast_object(time.strftime("%Y%m%d-%H%M%S"), info)
         run_dir = Path(cfg.out_dir or os.path.join("runs", f"{cfg.model}-{stamp}"))
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_folder.prepare(run_dir, cfg.resume, cfg.overwrite)
 
     own_switch = "checkpoint" in {f.name for f in dataclasses.fields(models.get_config(cfg.model))}
     if own_switch:  # the model's own activation-checkpointing switch, where it has one
