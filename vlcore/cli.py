@@ -103,6 +103,9 @@ def _add_pretrain(sub) -> None:
     o.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
     o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay of weight matrices")
     o.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (0: no clipping)")
+    o.add_argument("--max-skipped-steps", type=int, default=d.max_skipped_steps,
+                   help="a step with a non-finite loss or gradient is skipped (not applied, counted in the metrics); "
+                        "this many in a row stop the run")
     o.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data and dropout")
     r = p.add_argument_group("hardware")
     r.add_argument("--device", default=d.device, help="auto (CUDA when available), cpu, cuda, cuda:1")
@@ -135,7 +138,8 @@ def _cmd_pretrain(args) -> int:
     _plugins(args.plugin)
     cfg = TrainConfig(model=args.model, data=args.data, steps=args.steps, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
-                      weight_decay=args.weight_decay, clip_grad=args.clip_grad, seed=args.seed,
+                      weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+                      max_skipped_steps=args.max_skipped_steps, seed=args.seed,
                       precision=args.precision, device=args.device, compile=args.compile,
                       activation_checkpointing=args.activation_checkpointing, dist=args.dist,
                       out_dir=args.out_dir, resume=args.resume, save_every=args.save_every, keep=args.keep,

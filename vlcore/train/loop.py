@@ -30,6 +30,7 @@ from vlcore.data.loader import Collator, DigitsSource, ShardSource
 from vlcore.data.shards import ShardStream, read_captions
 from vlcore.data.tokenizer import ByteBPETokenizer
 from vlcore.train import checkpoint, distributed, evaluation
+from vlcore.train.guard import BufferSnapshot, NonFiniteSteps, RunStopped
 from vlcore.train.optim import build_optimizer, build_scheduler
 from vlcore.train.progress import MetricsLog, Progress, plot_metrics
 
@@ -48,6 +49,7 @@ class TrainConfig:
     warmup: int = 150
     weight_decay: float = 0.05
     clip_grad: float = 1.0
+    max_skipped_steps: int = 5  # consecutive steps with a non-finite loss or gradient before the run stops
     seed: int = 0
     precision: str = "auto"
     device: str = "auto"
@@ -186,7 +188,8 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _save(run_dir, step, model, optimizer, scheduler, source, cfg, info, meta, metrics_step) -> None:
+def _save(run_dir, step, model, optimizer, scheduler, source, cfg, info, meta, metrics_step,
+          skipped_steps=0) -> None:
     model_state = distributed.full_model_state(model, cfg.dist)
     optim_state = distributed.full_optim_state(model, optimizer, cfg.dist)
     rngs = _gather_objects(rng_state(), info)
@@ -194,7 +197,7 @@ def _save(run_dir, step, model, optimizer, scheduler, source, cfg, info, meta, m
     if info.is_main:
         train_state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rngs,
                        "data": sources, "world_size": info.world_size, "config": dataclasses.asdict(cfg),
-                       "metrics_step": metrics_step}
+                       "metrics_step": metrics_step, "skipped_steps": skipped_steps}
         checkpoint.save_checkpoint(run_dir, step, model_state, train_state, meta, keep=cfg.keep)
     if info.enabled:
         dist.barrier()
@@ -287,6 +290,7 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
         source = ShardSource(stream, collator, cfg.batch_size, cfg.num_workers)
 
     start_step = 0
+    nonfinite = NonFiniteSteps(cfg.max_skipped_steps)
     if resumed is not None:
         ts = resumed["train_state"]
         if cfg.dist == "fsdp" and info.enabled:
@@ -297,6 +301,7 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
         source.load_state_dict(ts["data"][info.rank])
         set_rng_state(ts["rng"][info.rank])
         start_step = int(ts["step"])
+        nonfinite.skipped = int(ts.get("skipped_steps", 0))
     if start_step >= cfg.steps:
         raise ValueError(f"--resume: the checkpoint is at step {start_step}, nothing left for --steps {cfg.steps}")
 
@@ -323,7 +328,9 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
     t_start = time.perf_counter()
     t_last, thr = t_start, 0.0
     ddp = info.enabled and cfg.dist == "ddp"
+    last_saved = start_step if resumed is not None else None
     for step in range(start_step, cfg.steps):
+        buffers = BufferSnapshot(model)  # a skipped step must not leave what its forward wrote into buffers
         sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
             batch = _to_device(source.next_batch(), device)
@@ -339,39 +346,53 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
                     sums[k] = sums.get(k, 0) + v.detach().float() / cfg.grad_accum
         distributed.sync_replicated_grads(train_model)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
         names = sorted(sums)
         vec = torch.stack([sums[k] for k in names])
-        if info.enabled:
+        if info.enabled:  # before the update: every rank must take the same skip decision
             dist.all_reduce(vec)
             vec /= info.world_size
         values = dict(zip(names, vec.tolist()))
         loss = values["loss"]
+        done = step + 1
+        # Gradients are averaged (DDP) or their norm is global (FSDP): one NaN anywhere shows on every rank.
+        if nonfinite.check(done, loss, float(grad_norm)):
+            optimizer.step()
+            scheduler.step()
+        else:
+            buffers.restore()
+        optimizer.zero_grad(set_to_none=True)
         losses.append(loss)
         now = time.perf_counter()
         step_thr = global_batch / max(now - t_last, 1e-9)
         thr = step_thr if step == start_step else 0.9 * thr + 0.1 * step_thr
         t_last = now
-        done = step + 1
         progress.update(done, loss, thr)
-        if metrics is not None and (done % cfg.log_every == 0 or done == cfg.steps or done == start_step + 1):
+        skipped_now = nonfinite.consecutive > 0
+        if metrics is not None and (done % cfg.log_every == 0 or done == cfg.steps or done == start_step + 1
+                                    or skipped_now):
             rec = {"step": done, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                    "samples_per_s": thr, "elapsed_s": now - t_start}
             rec.update({f"loss/{k}": v for k, v in values.items() if k != "loss"})
             if source.skipped:
                 rec["skipped_samples"] = source.skipped
+            if nonfinite.skipped:
+                rec["skipped_steps"] = nonfinite.skipped
             metrics.write(rec)
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"step {done}: the loss is {loss}; lower --lr or use --precision fp32")
+        if nonfinite.exhausted:  # before any save: the newest checkpoint stays the last good state
+            where = f"{run_dir / 'checkpoints'} (step {last_saved})" if last_saved is not None else None
+            message = nonfinite.stop_message(done, where)
+            if info.is_main:
+                print(message, file=sys.stderr, flush=True)
+            raise RunStopped(1, message)
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-            _save(run_dir, done, train_model, optimizer, scheduler, source, cfg, info, meta, done)
+            _save(run_dir, done, train_model, optimizer, scheduler, source, cfg, info, meta, done, nonfinite.skipped)
+            last_saved = done
     progress.close()
     train_s = time.perf_counter() - t_start
     _log(info, f"trained {cfg.steps - start_step} steps in {train_s:.0f} s; final loss {losses[-1]:.4f}"
-               + (f"; skipped {source.skipped} unreadable samples" if source.skipped else ""))
+               + (f"; skipped {source.skipped} unreadable samples" if source.skipped else "")
+               + (f"; skipped {nonfinite.skipped} steps with a non-finite loss or gradient"
+                  if nonfinite.skipped else ""))
     if info.enabled and cfg.dist == "ddp":
         if not distributed.ranks_agree(model):
             raise RuntimeError("after training the ranks hold different weights: a model op is not deterministic "
