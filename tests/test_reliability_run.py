@@ -4,6 +4,13 @@ consecutive ones stop the run with one line while the last good checkpoint stays
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import tiny_vlm
@@ -100,3 +107,81 @@ def test_cli_stops_with_one_line_and_a_nonzero_exit(tmp_path, monkeypatch, capsy
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "3 consecutive steps (1..3)" in err[0] and "no checkpoint was written yet" in err[0]
+
+
+# ------------------------------------------------------------------------------------------ SIGINT / SIGTERM
+def _cli_env():
+    tests = Path(__file__).resolve().parent
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]),
+                OMP_NUM_THREADS="1")
+
+
+def _start_pretrain(out, *extra):
+    cmd = [sys.executable, "-m", "vlcore.cli", "pretrain", "--plugin", "tiny_vlm", "--model", "test-tiny",
+           "--steps", "500", "--batch-size", "4", "--warmup", "1", "--device", "cpu", "--eval", "off", "--quiet",
+           "--threads", "1", "--log-every", "1", "--save-every", "1000", "--out-dir", str(out), *extra]
+    # Its own session: SIGINT goes to the whole process group, data workers included, as Ctrl-C in a terminal.
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cli_env(),
+                            start_new_session=True)
+
+
+def _wait_for_steps(proc, metrics, n, timeout=120.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"pretrain ended early ({proc.returncode}): {proc.communicate()[1][-2000:]}")
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no {n} steps within {timeout} s")
+
+
+@pytest.mark.parametrize("sig,code,workers", [(signal.SIGINT, 130, "1"), (signal.SIGTERM, 143, "0")])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig, code, workers):
+    run = tmp_path / "run"
+    proc = _start_pretrain(run, "--num-workers", workers)
+    try:
+        _wait_for_steps(proc, run / "metrics.jsonl", 1)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err and "Traceback" not in out, err[-3000:]
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1, err
+    m = re.fullmatch(rf"interrupted at step (\d+) \({sig.name}\); checkpoint saved to (.+); resume with: "
+                     rf"vlcore pretrain --resume (.+)", lines[0])
+    assert m and Path(m[2]) == run / "checkpoints" and Path(m[3]) == run, lines[0]
+    step = int(m[1])
+    assert 1 <= step < 500
+    ts = checkpoint.load_checkpoint(run)["train_state"]
+    assert ts["step"] == step and ts["data"][0]["position"] == step and ts["scheduler"]["last_epoch"] == step
+    assert max(r["step"] for r in _records(run)) == step
+
+
+def test_data_workers_leave_ctrl_c_to_the_training_process():
+    """Ctrl-C reaches the whole process group: a worker that died of it would fail the batches still owed."""
+    import multiprocessing
+
+    from vlcore.data.digits_scenes import DigitsScenes
+    from vlcore.data.loader import Collator, DigitsSource
+    from vlcore.data.tokenizer import ByteBPETokenizer
+
+    tok = ByteBPETokenizer.train(["a 1", "a 2 and a 3"], vocab_size=300)
+    source = DigitsSource(DigitsScenes("train", seed=0, image_size=32), Collator(tok, max_text_len=8), batch_size=2,
+                          num_workers=1)
+    before = set(multiprocessing.active_children())
+    source.next_batch()
+    workers = [p for p in multiprocessing.active_children() if p not in before]
+    assert len(workers) == 1
+    os.kill(workers[0].pid, signal.SIGINT)
+    time.sleep(0.5)
+    batches = [source.next_batch() for _ in range(12)]  # more than the prefetched ones
+    assert workers[0].is_alive() and len(batches) == 12 and source.position == 13
+    source._it = None  # let the DataLoader shut its worker down

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 import torch
@@ -100,8 +101,9 @@ class StopRequests:
             self.signum = signum
             return
         # A second signal: the user does not want to wait for the step and the checkpoint.
-        raise RunStopped(SIGNAL_EXIT.get(signum, 128 + signum),
-                         f"{signal.Signals(signum).name} again: stopped without saving")
+        message = f"{signal.Signals(signum).name} again: stopped without saving the current step"
+        print(message, file=sys.stderr, flush=True)
+        raise RunStopped(SIGNAL_EXIT.get(signum, 128 + signum), message)
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():

@@ -30,7 +30,7 @@ from vlcore.data.loader import Collator, DigitsSource, ShardSource
 from vlcore.data.shards import ShardStream, read_captions
 from vlcore.data.tokenizer import ByteBPETokenizer
 from vlcore.train import checkpoint, distributed, evaluation
-from vlcore.train.guard import BufferSnapshot, NonFiniteSteps, RunStopped
+from vlcore.train.guard import BufferSnapshot, NonFiniteSteps, RunStopped, StopRequests
 from vlcore.train.optim import build_optimizer, build_scheduler
 from vlcore.train.progress import MetricsLog, Progress, plot_metrics
 
@@ -203,18 +203,43 @@ def _save(run_dir, step, model, optimizer, scheduler, source, cfg, info, meta, m
         dist.barrier()
 
 
+def _stop_requested(stops: StopRequests, info) -> bool:
+    """Whether any rank got SIGINT/SIGTERM: all ranks must stop after the same step to save one checkpoint."""
+    if not info.enabled:
+        return stops.requested
+    flag = torch.tensor([int(stops.signum or 0)], device=info.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not stops.requested and flag.item():
+        stops.signum = int(flag.item())  # another rank's signal (torchrun forwards it to every worker)
+    return bool(flag.item())
+
+
+def _interrupted(stops: StopRequests, done: int, total: int, run_dir: Path, info) -> None:
+    """The one line a stopped run prints (rank 0) before it exits with 128 + the signal number."""
+    if done < total:
+        message = (f"interrupted at step {done} ({stops.name}); checkpoint saved to {run_dir / 'checkpoints'}; "
+                   f"resume with: vlcore pretrain --resume {run_dir}")
+    else:
+        message = (f"interrupted at the last step {done} ({stops.name}); checkpoint saved to "
+                   f"{run_dir / 'checkpoints'}; evaluation skipped; evaluate with: vlcore eval --checkpoint {run_dir}")
+    if info.is_main:
+        print(message, file=sys.stderr, flush=True)
+    raise RunStopped(stops.exit_code, message)
+
+
 def pretrain(cfg: TrainConfig) -> dict:
     """Train, checkpoint, evaluate. Returns {"run_dir", "final_loss", "eval" (or None), "losses"}."""
     info = distributed.setup(cfg.device)
     threads = torch.get_num_threads()
     try:
-        return _pretrain(cfg, info)
+        with StopRequests() as stops:
+            return _pretrain(cfg, info, stops)
     finally:
         torch.set_num_threads(threads)  # callers in the same process (tests, notebooks) keep their setting
         distributed.teardown()
 
 
-def _pretrain(cfg: TrainConfig, info) -> dict:
+def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
     device = info.device
     if cfg.num_workers < 0:
         # On CPU the cores are better spent on the model than on data processes (measured on 2 cores:
@@ -384,9 +409,12 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
             if info.is_main:
                 print(message, file=sys.stderr, flush=True)
             raise RunStopped(1, message)
-        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+        stop = _stop_requested(stops, info)
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or stop:
             _save(run_dir, done, train_model, optimizer, scheduler, source, cfg, info, meta, done, nonfinite.skipped)
             last_saved = done
+        if stop:
+            _interrupted(stops, done, cfg.steps, run_dir, info)
     progress.close()
     train_s = time.perf_counter() - t_start
     _log(info, f"trained {cfg.steps - start_step} steps in {train_s:.0f} s; final loss {losses[-1]:.4f}"
