@@ -185,3 +185,46 @@ def test_data_workers_leave_ctrl_c_to_the_training_process():
     batches = [source.next_batch() for _ in range(12)]  # more than the prefetched ones
     assert workers[0].is_alive() and len(batches) == 12 and source.position == 13
     source._it = None  # let the DataLoader shut its worker down
+
+
+# ------------------------------------------------------------------------------------------ resume settings
+def _cli(capsys, *argv):
+    rc = cli.main(["pretrain", "--plugin", "tiny_vlm", "--device", "cpu", "--quiet", "--threads", "1", *argv])
+    return rc, capsys.readouterr()
+
+
+def test_resume_without_flags_keeps_the_runs_settings(tmp_path, capsys):
+    run = tmp_path / "run"
+    _cli(capsys, "--model", "test-tiny", "--steps", "4", "--batch-size", "8", "--lr", "0.003", "--warmup", "1",
+         "--save-every", "2", "--keep", "5", "--log-every", "1", "--eval", "off", "--seed", "3", "--out-dir", str(run))
+    final = checkpoint.load_checkpoint(run)["model_state"]
+    mid = run / "checkpoints" / f"step-00000002{checkpoint.WEIGHTS_EXT}"
+    rc, out = _cli(capsys, "--resume", str(mid))
+    assert rc == 0 and "resume:" not in out.out, out.out
+    assert "steps 2->4, global batch 8 (8 x 1" in out.out and "lr 0.003" in out.out
+    again = checkpoint.load_checkpoint(run)["model_state"]
+    assert all(torch.equal(final[k], again[k]) for k in final)  # the same run, continued: the same weights
+    train = json.loads((run / "config.json").read_text())["train"]
+    assert (train["steps"], train["batch_size"], train["lr"], train["seed"]) == (4, 8, 0.003, 3)
+
+
+def test_resume_applies_and_reports_explicit_changes_even_to_the_default_value(tmp_path, capsys):
+    from vlcore.train.optim import warmup_cosine
+
+    run = tmp_path / "run"
+    _cli(capsys, "--model", "test-tiny", "--steps", "4", "--batch-size", "8", "--lr", "0.003", "--warmup", "1",
+         "--save-every", "2", "--log-every", "1", "--eval", "off", "--out-dir", str(run))
+    mid = run / "checkpoints" / f"step-00000002{checkpoint.WEIGHTS_EXT}"
+    # --batch-size 64 is the parser's default: given explicitly, it still changes the run's 8
+    rc, out = _cli(capsys, "--resume", str(mid), "--steps", "5", "--batch-size", "64", "--lr", "0.001",
+                   "--model", "coca-tiny", "--out-dir", str(tmp_path / "more"))
+    assert rc == 0
+    for line in ("resume: --steps: 4 -> 5", "resume: --batch-size: 8 -> 64", "resume: --lr: 0.003 -> 0.001",
+                 "resume: --model: coca-tiny ignored; the checkpoint's model has test-tiny"):
+        assert line in out.out, out.out
+    assert "steps 2->5, global batch 64" in out.out
+    recs = _records(tmp_path / "more")
+    assert recs[0]["step"] == 3  # lr after step 3 on the new schedule: 0.001 peak, 5 steps
+    assert recs[0]["lr"] == pytest.approx(0.001 * warmup_cosine(3, 1, 5, 0.05), rel=1e-12)
+    train = json.loads((tmp_path / "more" / "config.json").read_text())["train"]
+    assert (train["steps"], train["batch_size"], train["lr"], train["model"]) == (5, 64, 0.001, "test-tiny")

@@ -29,7 +29,7 @@ from vlcore.data.digits_scenes import ANSWERS, QUESTIONS, DigitsScenes, in_words
 from vlcore.data.loader import Collator, DigitsSource, ShardSource
 from vlcore.data.shards import ShardStream, read_captions
 from vlcore.data.tokenizer import ByteBPETokenizer
-from vlcore.train import checkpoint, distributed, evaluation
+from vlcore.train import checkpoint, distributed, evaluation, resume
 from vlcore.train.guard import BufferSnapshot, NonFiniteSteps, RunStopped, StopRequests
 from vlcore.train.optim import build_optimizer, build_scheduler
 from vlcore.train.progress import MetricsLog, Progress, plot_metrics
@@ -72,6 +72,9 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     overrides: dict = field(default_factory=dict)
     quiet: bool = False
+    # Fields set on purpose (the CLI's explicit flags): on --resume the others come from the run. None: those
+    # that differ from these defaults.
+    explicit: tuple | None = None
 
 
 def _log(info, *args):
@@ -253,14 +256,16 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local - cfg.num_workers))
     resumed = checkpoint.load_checkpoint(cfg.resume) if cfg.resume else None
+    changed: set[str] = set()
     if resumed is not None:
         meta = resumed["metadata"]
-        if cfg.model != meta["model"]:
-            _log(info, f"note: resuming a {meta['model']} checkpoint (--model {cfg.model} ignored)")
-        cfg.model = meta["model"]
         if resumed["train_state"] is None:
             raise FileNotFoundError(f"--resume {cfg.resume}: the checkpoint has no training state (.state.pt); it "
                                     "can be evaluated but not resumed")
+        cfg, lines, changed = resume.merge_settings(cfg, resumed["train_state"].get("config") or {})
+        for line in lines:
+            _log(info, f"resume: {line}")
+        cfg.model = meta["model"]
         saved_world = resumed["train_state"].get("world_size", 1)
         if saved_world != info.world_size:
             raise ValueError(f"--resume: the checkpoint was written by {saved_world} process(es), this run has "
@@ -318,11 +323,14 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
     nonfinite = NonFiniteSteps(cfg.max_skipped_steps)
     if resumed is not None:
         ts = resumed["train_state"]
+        configured = resume.schedule_settings(optimizer)
         if cfg.dist == "fsdp" and info.enabled:
             distributed.load_full_state(train_model, optimizer, resumed["model_state"], ts["optimizer"], "fsdp")
         else:
             optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
+        if changed & resume.SCHEDULE_FIELDS:
+            resume.restore_schedule_settings(optimizer, scheduler, configured)
         source.load_state_dict(ts["data"][info.rank])
         set_rng_state(ts["rng"][info.rank])
         start_step = int(ts["step"])
