@@ -152,7 +152,9 @@ def _add_pretrain(sub) -> None:
     c = p.add_argument_group("output and checkpoints")
     c.add_argument("--out-dir", default=None, help="run folder (default runs/<model>-<date>-<time>)")
     c.add_argument("--resume", default=None, metavar="PATH",
-                   help="continue a run exactly: its folder, its checkpoints/latest.json or a weights file; the run's "
+                   help="continue a run exactly: its folder, its checkpoints/latest.json or a weights file (auto: the "
+                        "--out-dir folder, or the newest runs/<model>-*, if it has a checkpoint, else start anew; for "
+                        "torchrun --max-restarts); the run's "
                         "settings are kept, flags given explicitly override them (each change is printed)")
     c.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (and at the end)")
     c.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep")

@@ -29,7 +29,7 @@ from vlcore.data.digits_scenes import ANSWERS, QUESTIONS, DigitsScenes, in_words
 from vlcore.data.loader import Collator, DigitsSource, ShardSource
 from vlcore.data.shards import ShardStream, read_captions
 from vlcore.data.tokenizer import ByteBPETokenizer
-from vlcore.train import checkpoint, distributed, evaluation, resume
+from vlcore.train import checkpoint, distributed, evaluation, faults, resume
 from vlcore.train.guard import BufferSnapshot, NonFiniteSteps, RunStopped, StopRequests
 from vlcore.train.optim import build_optimizer, build_scheduler
 from vlcore.train.progress import MetricsLog, Progress, plot_metrics
@@ -187,6 +187,19 @@ def _run_dir_of(resume: str) -> Path:
     return weights.parent.parent
 
 
+def _resolve_auto_resume(cfg: TrainConfig, info) -> TrainConfig:
+    """``--resume auto`` (for ``torchrun --max-restarts``): the run to continue, or a fresh start. Rank 0 looks,
+    every rank follows, so all ranks agree even when their file systems do not."""
+    found = resume.find_latest_run(cfg.out_dir, cfg.model) if info.is_main else None
+    found = _broadcast_object(str(found) if found is not None else None, info)
+    where = cfg.out_dir or f"runs/{cfg.model}-*"
+    if found is None:
+        _log(info, f"--resume auto: no checkpoint in {where}; starting a new run")
+        return dataclasses.replace(cfg, resume=None)
+    _log(info, f"--resume auto: continuing {found}")
+    return dataclasses.replace(cfg, resume=found)
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -234,10 +247,12 @@ def pretrain(cfg: TrainConfig) -> dict:
     """Train, checkpoint, evaluate. Returns {"run_dir", "final_loss", "eval" (or None), "losses"}."""
     info = distributed.setup(cfg.device)
     threads = torch.get_num_threads()
+    faults.install(info.rank)  # fault-injection tests only ($VLCORE_FAULTS)
     try:
         with StopRequests() as stops:
             return _pretrain(cfg, info, stops)
     finally:
+        faults.uninstall()
         torch.set_num_threads(threads)  # callers in the same process (tests, notebooks) keep their setting
         distributed.teardown()
 
@@ -255,6 +270,8 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
         # workers; oversubscribed threads spin-wait and cost far more than they gain.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local - cfg.num_workers))
+    if cfg.resume == "auto":
+        cfg = _resolve_auto_resume(cfg, info)
     resumed = checkpoint.load_checkpoint(cfg.resume) if cfg.resume else None
     changed: set[str] = set()
     if resumed is not None:
@@ -417,6 +434,7 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
             if info.is_main:
                 print(message, file=sys.stderr, flush=True)
             raise RunStopped(1, message)
+        faults.after_step(done)
         stop = _stop_requested(stops, info)
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or stop:
             _save(run_dir, done, train_model, optimizer, scheduler, source, cfg, info, meta, done, nonfinite.skipped)

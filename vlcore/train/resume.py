@@ -10,6 +10,7 @@ the checkpoint's weights; a different value given for them is reported as ignore
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 # Per launch: the machine decides, not the run.
 LAUNCH_FIELDS = frozenset({"resume", "out_dir", "device", "threads", "num_workers", "compile", "quiet", "explicit"})
@@ -79,3 +80,14 @@ def restore_schedule_settings(optimizer, scheduler, settings: list[tuple[float, 
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = lrs
+
+
+def find_latest_run(out_dir: str | None, model: str, root: str = "runs") -> Path | None:
+    """``--resume auto``: ``out_dir`` if it holds a checkpoint, or without ``--out-dir`` the newest
+    ``runs/<model>-*`` that does (a restarted job with default folder names starts a new folder each time)."""
+    candidates = [Path(out_dir)] if out_dir else sorted(Path(root).glob(f"{model}-*"))
+    pointers = [c / "checkpoints" / "latest.json" for c in candidates]
+    pointers = [p for p in pointers if p.is_file()]
+    if not pointers:
+        return None
+    return max(pointers, key=lambda p: p.stat().st_mtime).parent.parent
