@@ -221,7 +221,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="as for pretrain")
-    p.add_argument("--out", default=None, help="JSON path (default: eval.json in the run folder)")
+    p.add_argument("--out", default=None, help="JSON path (default: eval-<date>-<time>.json in the run folder; the eval.json "
+                        "that pretrain wrote stays as it is)")
     p.add_argument("--plugin", action="append", metavar="MODULE", help="import MODULE first (custom models)")
     p.set_defaults(func=_cmd_eval)
 
@@ -251,10 +252,22 @@ def _cmd_eval(args) -> int:
     print(f"{meta['model']} at step {metrics['step']}")
     print(evaluation.format_table(metrics))
     weights, _ = checkpoint.resolve(args.checkpoint)
-    out = Path(args.out) if args.out else weights.parent.parent / "eval.json"
+    out = Path(args.out) if args.out else _fresh_eval_path(weights.parent.parent)
     evaluation.save_json(metrics, out)
     print(f"saved {out}")
     return 0
+
+
+def _fresh_eval_path(run_dir: Path) -> Path:
+    """``eval-<date>-<time>.json`` in the run folder, never an existing file (pretrain's eval.json included)."""
+    import time
+
+    stem = f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = run_dir / f"{stem}.json", 1
+    while out.exists():  # two evaluations within one second
+        n += 1
+        out = run_dir / f"{stem}-{n}.json"
+    return out
 
 
 def _add_caption(sub) -> None:
