@@ -93,7 +93,8 @@ STAGES = (
     Stage("bench-quick", 40, f"{PY} benchmarks/run_all.py --quick --out {{work}}/bench",
           f"{PY} benchmarks/run_all.py --help > /dev/null && echo 'run_all options parse'",
           "benchmarks/run_all.py --quick (with the quick resource report)"),
-    Stage("resources", 15, f"{PY} benchmarks/kernel_resources.py --jobs 16 --out {{work}}",
+    Stage("resources", 15, f"{PY} benchmarks/kernel_resources.py --jobs 16 --out {{work}} "
+          "--deadline $((STAGE_SECONDS - 15))",
           f"{PY} benchmarks/kernel_resources.py --help > /dev/null && echo 'kernel_resources options parse'",
           "static resource report, every variant (sm_90, sm_80)"),
 )
@@ -156,7 +157,7 @@ def run_stage(stage: Stage, seconds: int, dry: bool, out: Path, log) -> Result:
     log.write(header)
     log.flush()
     print(header, end="", flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", STAGE_SECONDS=str(seconds))  # a stage may pace itself by it
     t0 = time.time()
     with open(work / "stage.log", "w") as stage_log:
         # timeout(1) kills the whole stage (pytest workers, compilers) at its budget; -k: SIGKILL 5 s later

@@ -234,25 +234,43 @@ def collect(providers=DEFAULT_PROVIDERS, quick: bool = False):
     return jobs, missing
 
 
+def _outcome(future) -> dict:
+    error = future.exception()  # a worker that died (e.g. the compiler crashed) breaks the pool: still a row
+    return future.result() if error is None else {"error": f"worker failed: {type(error).__name__}: {error}"}
+
+
+def _run_jobs(work, jobs: int | None, cache_dir: str | None, deadline: float | None) -> list[dict]:
+    """Each (provider, index, variant, cc) through a spawned worker; those not done by ``deadline`` (seconds)
+    come back as errors saying so, and their workers are stopped."""
+    ctx = multiprocessing.get_context("spawn")
+    workers = max(1, min(jobs or os.cpu_count() or 1, len(work)))
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"  # the spawned workers inherit it before importing triton
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
+    try:
+        futures = [pool.submit(_job, p, i, cc, cache_dir) for p, i, _, cc in work]
+        done, _ = concurrent.futures.wait(futures, timeout=deadline)
+        results = [_outcome(f) if f in done else {"error": f"not compiled: --deadline {deadline:g} s reached"}
+                   for f in futures]
+        if len(done) < len(futures):
+            for proc in list(getattr(pool, "_processes", {}).values()):  # a compile in flight can take a minute
+                proc.terminate()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    return results
+
+
 def build_report(providers=DEFAULT_PROVIDERS, targets=(90, 80), quick=False, jobs: int | None = None,
-                 cache_dir: str | None = str(DEFAULT_CACHE)) -> Report:
+                 cache_dir: str | None = str(DEFAULT_CACHE), deadline: float | None = None) -> Report:
     variants, missing = collect(providers, quick)
     work = [(p, i, v, cc) for p, i, v in variants for cc in targets if cc in v.targets]
-    results: list[dict] = [{}] * len(work)
-    if work:
-        ctx = multiprocessing.get_context("spawn")
-        workers = max(1, min(jobs or os.cpu_count() or 1, len(work)))
-        saved = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "0"  # the spawned workers inherit it before importing triton
-        try:
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
-                futures = [pool.submit(_job, p, i, cc, cache_dir) for p, i, _, cc in work]
-                results = [f.result() for f in futures]
-        finally:
-            if saved is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = saved
+    # default variants first: under a deadline the configs the test gates on are measured before the others
+    work.sort(key=lambda w: not w[2].default)
+    results = _run_jobs(work, jobs, cache_dir, deadline) if work else []
     rows = []
     for (_, _, v, cc), res in zip(work, results):
         row = {"kernel": v.kernel, "dtype": v.dtype, "dim": "" if v.dim is None else v.dim, "flags": v.flags,
@@ -262,6 +280,10 @@ def build_report(providers=DEFAULT_PROVIDERS, targets=(90, 80), quick=False, job
         row["problem"] = problem_of(row, cc)
         rows.append(row)
     return Report(rows, missing)
+
+
+def describe(row: dict) -> str:
+    return f"{row['kernel']} {row['dtype']} D={row['dim']} [{row['flags']}] {row['config']} {row['target']}"
 
 
 def to_markdown(report: Report) -> str:
@@ -278,8 +300,7 @@ def to_markdown(report: Report) -> str:
         lines += [""] + [f"- {m}" for m in report.missing]
     fails = report.failures
     lines += ["", f"{len(report.rows)} rows; {len(fails)} default variant(s) spill, overflow shared memory or fail to "
-              f"compile" + (": " + ", ".join(f"{r['kernel']} {r['dtype']} D={r['dim']} {r['target']}" for r in fails)
-                            if fails else ".")]
+              f"compile" + (": " + "; ".join(describe(r) for r in fails) if fails else ".")]
     return "\n".join(lines) + "\n"
 
 
@@ -304,6 +325,8 @@ def main(argv=None) -> int:
     p.add_argument("--provider", action="append", default=None,
                    help="module:function returning KernelVariants (repeatable; default the vlcore kernel modules)")
     p.add_argument("--no-cache", action="store_true", help=f"always compile (cache: {DEFAULT_CACHE})")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds: variants not compiled by then are reported as such (default variants go first)")
     args = p.parse_args(argv)
     try:
         targets = tuple(int(t) for t in args.targets.split(",") if t.strip())
@@ -312,15 +335,14 @@ def main(argv=None) -> int:
     import triton
 
     report = build_report(tuple(args.provider or DEFAULT_PROVIDERS), targets, args.quick, args.jobs,
-                          None if args.no_cache else str(DEFAULT_CACHE))
+                          None if args.no_cache else str(DEFAULT_CACHE), args.deadline)
     header = (f"# Static kernel resources ({'default variants' if args.quick else 'every variant'}; "
               f"triton {triton.__version__}; targets {', '.join(f'sm_{t}' for t in targets)})\n\n")
     md, csv_path = write(report, Path(args.out), header)
     print(to_markdown(report), end="")
     print(f"wrote {md} and {csv_path}")
     for r in report.failures:
-        print(f"FAIL (default variant): {r['kernel']} {r['dtype']} D={r['dim']} {r['flags']} {r['config']} "
-              f"{r['target']}: {r['problem']}", file=sys.stderr)
+        print(f"FAIL (default variant): {describe(r)}: {r['problem']}", file=sys.stderr)
     return 1 if report.failures else 0
 
 

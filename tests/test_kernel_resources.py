@@ -141,8 +141,7 @@ def test_every_default_kernel_variant_is_sound(tmp_path):
     """Every default (deterministic-mode) config of the vlcore kernels compiles for its targets without spills
     and within the target's shared memory."""
     report = kr.build_report(kr.DEFAULT_PROVIDERS, quick=True)
-    bad = [f"{r['kernel']} {r['dtype']} D={r['dim']} {r['flags']} {r['config']} {r['target']}: {r['problem']}"
-           for r in report.failures]
+    bad = [f"{kr.describe(r)}: {r['problem']}" for r in report.failures]
     assert not bad, "\n".join(bad)
     if report.missing:  # a module not yet describing its configs cannot be checked: say so, do not pass silently
         pytest.skip("kernel modules without static_variants(): " + "; ".join(report.missing))
@@ -176,3 +175,11 @@ def test_run_all_has_a_resources_step(tmp_path, monkeypatch):
     assert calls[-1][1].endswith("kernel_resources.py") and len(calls) > 1  # the last step of a full run
     with pytest.raises(SystemExit):
         run_all.main(["--only", "nonsense"])
+
+
+@needs_cuobjdump
+def test_deadline_reports_what_was_not_compiled(tmp_path):
+    report = kr.build_report((PROVIDER,), targets=(90, 80), jobs=1, cache_dir=None, deadline=0.01)
+    assert [r["default"] for r in report.rows] == [True, True, False]  # default variants are measured first
+    assert all("--deadline" in r["problem"] for r in report.rows)
+    assert len(report.failures) == 2  # a default variant left unmeasured is not a pass
