@@ -66,20 +66,20 @@ STAGES = (
     Stage("install", 20, f"VLCORE_BUILD_CUDA=0 {PY} -m pip install -q --no-build-isolation --no-deps --no-index "
           "-e .", f"{PY} -c 'import vlcore.kernels, vlcore; print(\"vlcore\", vlcore.__version__, \"importable\")'",
           "pip install -e . without the extension (the later stages need vlcore importable even if nvcc fails)"),
-    Stage("build", 100, "VLCORE_BUILD_CUDA=1 VLCORE_CUDA_ARCHS=90 VLCORE_BUILD_JOBS=16 /usr/bin/time -f "
-          f"'build wall %e s' {PY} setup.py -q build_ext --inplace && {PY} -c 'import vlcore._C'",
+    Stage("build", 90, "TIMEFORMAT='build wall %R s'; time VLCORE_BUILD_CUDA=1 VLCORE_CUDA_ARCHS=90 "
+          f"VLCORE_BUILD_JOBS=16 {PY} setup.py -q build_ext --inplace && {PY} -c 'import vlcore._C'",
           f"(nvcc --version || echo 'no nvcc here') | tail -1; VLCORE_BUILD_CUDA=1 VLCORE_CUDA_ARCHS=90 {PY} setup.py "
           "--version",
           "vlcore._C for sm_90 only, in place (timed)"),
-    Stage("info", 15, f"{PY} -m vlcore.info", f"{PY} -m vlcore.info", "python -m vlcore.info"),
+    Stage("info", 10, f"{PY} -m vlcore.info", f"{PY} -m vlcore.info", "python -m vlcore.info"),
     Stage("gpu-tests", 110, _pytest("tests", "junit-gpu.xml", "-m gpu"),
           f"{PY} -m pytest -q -p no:cacheprovider --collect-only -m gpu tests | tail -3",
           "every gpu-marked test (bf16/fp16/fp32 at GPU shapes)"),
-    Stage("determinism", 25, f"{PY} benchmarks/gpu_checks.py determinism",
+    Stage("determinism", 40, f"{PY} benchmarks/gpu_checks.py determinism",
           f"{PY} benchmarks/gpu_checks.py determinism", "dtable/dq/dk/dv bitwise equal across two processes"),
-    Stage("cuda-backends", 25, f"{PY} benchmarks/gpu_checks.py cuda-backends --require-cuda",
+    Stage("cuda-backends", 20, f"{PY} benchmarks/gpu_checks.py cuda-backends --require-cuda",
           f"{PY} benchmarks/gpu_checks.py cuda-backends", "vlcore._C (backend='cuda') against the references"),
-    Stage("compile", 50, f"{PY} benchmarks/gpu_checks.py compile --backend inductor",
+    Stage("compile", 60, f"{PY} benchmarks/gpu_checks.py compile --backend inductor",
           f"{PY} benchmarks/gpu_checks.py compile --backend aot_eager",
           "torch.compile(fullgraph=True, inductor) against eager"),
     Stage("train", 45, f"{PY} -m vlcore.cli pretrain --model coca-base --precision bf16 --device cuda --steps 4 "
@@ -87,13 +87,13 @@ STAGES = (
           f"{PY} -m vlcore.cli pretrain --model coca-tiny --precision fp32 --device cpu --steps 1 --batch-size 4 "
           "--log-every 1 --eval off --save-every 1000 --quiet --out-dir {work}/run",
           "end-to-end bf16 coca-base training steps"),
-    Stage("kernel-tests", 60, _pytest(KERNEL_TESTS, "junit-kernels.xml", "-m 'not gpu'"),
+    Stage("kernel-tests", 45, _pytest(KERNEL_TESTS, "junit-kernels.xml", "-m 'not gpu'"),
           f"{PY} -m pytest -q -p no:cacheprovider --collect-only -m 'not gpu' {KERNEL_TESTS} | tail -3",
           "the kernel test files natively (their CPU-interpreter cases now on the GPU)"),
     Stage("bench-quick", 40, f"{PY} benchmarks/run_all.py --quick --out {{work}}/bench",
           f"{PY} benchmarks/run_all.py --help > /dev/null && echo 'run_all options parse'",
           "benchmarks/run_all.py --quick (with the quick resource report)"),
-    Stage("resources", 15, f"{PY} benchmarks/kernel_resources.py --jobs 16 --out {{work}} "
+    Stage("resources", 25, f"{PY} benchmarks/kernel_resources.py --jobs 16 --out {{work}} "
           "--deadline $((STAGE_SECONDS - 15))",
           f"{PY} benchmarks/kernel_resources.py --help > /dev/null && echo 'kernel_resources options parse'",
           "static resource report, every variant (sm_90, sm_80)"),
