@@ -5,6 +5,7 @@ The compiles run in spawned workers with TRITON_INTERPRET=0, so these tests work
 """
 
 import json
+import os
 
 import pytest
 import triton
@@ -137,14 +138,21 @@ def test_main_exits_nonzero_when_a_default_variant_is_flagged(tmp_path, monkeypa
 
 @pytest.mark.slow
 @needs_cuobjdump
-def test_every_default_kernel_variant_is_sound(tmp_path):
+def test_every_default_kernel_variant_is_sound():
     """Every default (deterministic-mode) config of the vlcore kernels compiles for its targets without spills
-    and within the target's shared memory."""
-    report = kr.build_report(kr.DEFAULT_PROVIDERS, quick=True)
-    bad = [f"{kr.describe(r)}: {r['problem']}" for r in report.failures]
+    and within the target's shared memory. Bounded by VLCORE_RESOURCES_DEADLINE seconds (default 600) so that a
+    2-core CI machine finishes: what was measured must be sound, and what was not is reported as a skip."""
+    deadline = float(os.environ.get("VLCORE_RESOURCES_DEADLINE", "600"))
+    report = kr.build_report(kr.DEFAULT_PROVIDERS, quick=True, deadline=deadline)
+    unmeasured = [r for r in report.rows if "--deadline" in r["problem"]]
+    bad = [f"{kr.describe(r)}: {r['problem']}" for r in report.failures if r not in unmeasured]
     assert not bad, "\n".join(bad)
-    if report.missing:  # a module not yet describing its configs cannot be checked: say so, do not pass silently
-        pytest.skip("kernel modules without static_variants(): " + "; ".join(report.missing))
+    reasons = [f"kernel modules without static_variants(): {'; '.join(report.missing)}"] if report.missing else []
+    if unmeasured:
+        reasons.append(f"{len(unmeasured)} of {len(report.rows)} default variants not compiled within {deadline:g} s "
+                       "(raise VLCORE_RESOURCES_DEADLINE)")
+    if reasons:  # a variant that was not measured cannot pass: say so instead of passing silently
+        pytest.skip("; ".join(reasons))
     assert report.rows, "no default variants found"
 
 
