@@ -352,6 +352,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run, or a fast GPU pass)")
     p.add_argument("--only", default="", help="comma-separated benchmark names (bench_<name>.py), e.g. attention,vq")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
+    p.add_argument("--resources", action="store_true",
+                   help="only the static resource report: every kernel config compiled for sm_90/sm_80 without a "
+                        "GPU (registers, spills, shared memory, tensor-core instructions); with --quick the "
+                        "default configs")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -365,7 +369,11 @@ def _cmd_bench(args) -> int:
               "VLCORE_BENCHMARKS=/path/to/vlcore/benchmarks.", file=sys.stderr)
         return 2
     cmd = [sys.executable, str(bench / "run_all.py")] + (["--quick"] if args.quick else [])
-    cmd += (["--only", args.only] if args.only else []) + (["--out", args.out] if args.out else [])
+    if args.resources:  # kernel_resources.py writes to <out> itself, not <out>/static
+        cmd = [sys.executable, str(bench / "kernel_resources.py")] + (["--quick"] if args.quick else [])
+    else:
+        cmd += ["--only", args.only] if args.only else []
+    cmd += ["--out", args.out] if args.out else []
     return subprocess.call(cmd, cwd=bench.parent)
 
 
