@@ -5,9 +5,10 @@ dtypes, an environment requirement (is triton importable, is ``vlcore._C`` built
 input-specific check. The dispatcher picks, for given inputs,
 
 * the backend named by ``backend=`` or ``VLCORE_BACKEND`` — and raises with *every* reason if it cannot run;
-* otherwise the highest-priority backend that accepts the inputs. CPU tensors get ``reference``: the compiled
-  backends run on CPU only under ``TRITON_INTERPRET=1`` and only when asked for explicitly. A refused preferred
-  backend is logged once, with its reasons.
+* otherwise the highest-priority backend that natively runs on the tensors' device and accepts the inputs:
+  CPU tensors get ``cpu`` when it accepts them, else ``reference``. The compiled backends run on CPU only under
+  ``TRITON_INTERPRET=1`` and only when asked for explicitly. A refused preferred backend is logged once, with
+  its reasons.
 
 ``VLCORE_BACKEND`` is either one name for every op (``triton``) or per op (``attention=triton,vq=cuda``).
 """
@@ -28,6 +29,7 @@ log = logging.getLogger("vlcore")
 REFERENCE = "reference"
 TRITON = "triton"
 CUDA = "cuda"
+CPU = "cpu"
 
 
 class BackendError(RuntimeError):
@@ -194,8 +196,8 @@ def choose(op: str, problem: Problem, backend: str | None = None) -> Backend:
         return chosen
     refused = []
     for cand in backends(op):
-        if problem.device.type == "cpu" and cand.name != REFERENCE:
-            continue  # compiled backends on CPU only by explicit request (interpreter)
+        if problem.device.type not in cand.devices:
+            continue  # not this device's backend (compiled backends on CPU: explicit request only, interpreter)
         reasons = cand.refusals(problem)
         if not reasons:
             for name, why in refused:

@@ -20,6 +20,7 @@ import torch
 
 from vlcore import _validate as V
 from vlcore import dispatch
+from vlcore.cpu import attention as cpu_attention
 from vlcore.reference import attention as ref
 
 OP = "attention"
@@ -43,6 +44,12 @@ class _ReferenceBackend:
 dispatch.register(dispatch.Backend(
     op=OP, name=dispatch.REFERENCE, devices=("cpu", "cuda"), dtypes=V.FLOAT_DTYPES, priority=0,
     load=_ReferenceBackend, description="PyTorch, materialises (B, H, Nq, Nk) scores",
+))
+
+
+dispatch.register(dispatch.Backend(
+    op=OP, name=dispatch.CPU, devices=("cpu",), dtypes=cpu_attention.DTYPES, priority=5, load=lambda: cpu_attention,
+    description="torch SDPA CPU kernels (flash where maskless), mask/bias built once per call, autograd",
 ))
 
 
@@ -144,7 +151,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         rel_pos_table: ((2gh-1)(2gw-1), H) learnable table (Swin/timm layout) for the grid of tokens
             [rel_pos_start, rel_pos_start + gh*gw) given by ``rel_pos_grid=(gh, gw)``.
         scale: score multiplier, default 1/sqrt(D).
-        backend: ``reference`` | ``triton`` | ``cuda`` (default: automatic, see :mod:`vlcore.dispatch`).
+        backend: ``reference`` | ``cpu`` | ``triton`` | ``cuda`` (default: automatic, see :mod:`vlcore.dispatch`).
 
     Returns:
         (B, Nq, H, D) in q's dtype.
@@ -158,6 +165,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         "prefix": prefix_lens is not None, "padding": kv_lens is not None, "rel_pos": rel_pos_table is not None,
     })
     chosen = dispatch.choose(OP, problem, backend)
+    if chosen.name == dispatch.CPU:  # differentiated by autograd through SDPA, not through the registered op
+        return cpu_attention.attention(q, k, v, causal=causal, prefix_lens=prefix_lens, kv_lens=kv_lens,
+                                       rel_pos_table=rel_pos_table, rel_pos_grid=grid, rel_pos_start=rel_pos_start,
+                                       scale=scale)
     if chosen.name == dispatch.REFERENCE:
         return ref.attention(q, k, v, causal=causal, prefix_lens=prefix_lens, kv_lens=kv_lens,
                              rel_pos_table=rel_pos_table, rel_pos_grid=grid, rel_pos_start=rel_pos_start, scale=scale)

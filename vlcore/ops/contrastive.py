@@ -21,6 +21,7 @@ import torch.distributed as dist
 from vlcore import _ext, dispatch
 from vlcore import _validate as V
 from vlcore import distributed as vdist
+from vlcore.cpu import contrastive as cpu_contrastive
 from vlcore.reference import contrastive as ref
 
 OP = "contrastive_loss"
@@ -40,6 +41,13 @@ class _ReferenceBackend:
 dispatch.register(dispatch.Backend(
     op=OP, name=dispatch.REFERENCE, devices=("cpu", "cuda"), dtypes=V.FLOAT_DTYPES, priority=0,
     load=_ReferenceBackend, description="PyTorch, materialises the (b, B) logits",
+))
+
+
+dispatch.register(dispatch.Backend(
+    op=OP, name=dispatch.CPU, devices=("cpu",), dtypes=V.FLOAT_DTYPES, priority=5,
+    load=lambda: cpu_contrastive.CpuContrastive,
+    description="column chunks with an online log-sum-exp (memory linear in the batch), chunked exact backward",
 ))
 
 
@@ -266,7 +274,7 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
         logit_bias: SigLIP's learnable bias (required for siglip, rejected for infonce where it cancels): a float
             or a one-element tensor.
         group: a ``torch.distributed`` process group (default: the default group when initialised, else none).
-        backend: ``reference`` | ``triton`` | ``cuda`` (default: automatic, see :mod:`vlcore.dispatch`).
+        backend: ``reference`` | ``cpu`` | ``triton`` | ``cuda`` (default: automatic, see :mod:`vlcore.dispatch`).
 
     Returns:
         0-dim loss in float32 (float64 for float64 inputs).
