@@ -28,7 +28,7 @@ HAS_CUDA = _HAS_CUDA
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 try:  # property tests (tests/test_properties_*.py): a small reproducible budget in CI, more on request
-    from hypothesis import HealthCheck, settings
+    from hypothesis import HealthCheck, example, given, settings
 
     # derandomize: CI runs the same examples every time (a failure reproduces); no deadline: the Triton
     # interpreter's first call compiles. `HYPOTHESIS_PROFILE=thorough pytest tests/test_properties_*` searches wider.
@@ -46,6 +46,14 @@ def hypothesis_examples(ci: int) -> int:
     if settings is None or os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci":
         return ci
     return max(ci, ci * settings.default.max_examples // 10)
+
+
+def check_property(strategy, check, ci_examples: int, *, always=(), **options) -> None:
+    """Run ``check(case)`` on the cases in ``always``, then on ``hypothesis_examples(ci_examples)`` drawn ones."""
+    test = given(strategy)(check)
+    for case in always:
+        test = example(case)(test)
+    settings(max_examples=hypothesis_examples(ci_examples), **options)(test)()
 
 
 def pytest_collection_modifyitems(config, items):

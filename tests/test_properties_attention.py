@@ -11,12 +11,11 @@ from __future__ import annotations
 import dense_oracles as oracle
 import pytest
 import torch
-from conftest import HAS_CUDA, hypothesis_examples
+from conftest import HAS_CUDA, check_property
 
 import vlcore
 
 hypothesis = pytest.importorskip("hypothesis", reason="property tests need hypothesis (pip install vlcore[dev])")
-from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -133,11 +132,5 @@ def _check(case: dict, backend: str) -> None:
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_attention_matches_dense_oracle(backend):
-    @settings(max_examples=hypothesis_examples(EXAMPLES[backend]))
-    @given(attention_cases(backend))
-    @example(EXTREMES[0])
-    @example(EXTREMES[1])
-    def prop(case):
-        _check(case, backend)
-
-    prop()
+    check_property(attention_cases(backend), lambda case: _check(case, backend), EXAMPLES[backend],
+                   always=EXTREMES)

@@ -12,13 +12,12 @@ from __future__ import annotations
 import dense_oracles as oracle
 import pytest
 import torch
-from conftest import HAS_CUDA, hypothesis_examples
+from conftest import HAS_CUDA, check_property
 
 import vlcore
 from vlcore import dispatch
 
 hypothesis = pytest.importorskip("hypothesis", reason="property tests need hypothesis (pip install vlcore[dev])")
-from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -94,12 +93,7 @@ def _check_loss(case: dict, backend: str) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_contrastive_loss_matches_dense_oracle(backend):
-    @settings(max_examples=hypothesis_examples(15 if backend == "reference" else 8))
-    @given(loss_cases(backend))
-    def prop(case):
-        _check_loss(case, backend)
-
-    prop()
+    check_property(loss_cases(backend), lambda case: _check_loss(case, backend), 15 if backend == "reference" else 8)
 
 
 @st.composite
@@ -147,9 +141,4 @@ def _check_split(case: dict, backend: str) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unequal_local_batches_match_dense_oracle(backend):
-    @settings(max_examples=hypothesis_examples(10))
-    @given(split_cases(backend))
-    def prop(case):
-        _check_split(case, backend)
-
-    prop()
+    check_property(split_cases(backend), lambda case: _check_split(case, backend), 10)

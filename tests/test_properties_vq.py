@@ -11,13 +11,13 @@ from __future__ import annotations
 import dense_oracles as oracle
 import pytest
 import torch
-from conftest import HAS_CUDA, hypothesis_examples
+from conftest import HAS_CUDA, check_property
 
 import vlcore
 from vlcore import dispatch
 
 hypothesis = pytest.importorskip("hypothesis", reason="property tests need hypothesis (pip install vlcore[dev])")
-from hypothesis import Phase, given, settings  # noqa: E402
+from hypothesis import Phase  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -92,22 +92,13 @@ def _phases(backend: str):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nearest_matches_dense_oracle(backend):
-    @settings(max_examples=hypothesis_examples(12))
-    @given(nearest_cases(backend))
-    def prop(case):
-        _check_nearest(case, backend)
-
-    prop()
+    check_property(nearest_cases(backend), lambda case: _check_nearest(case, backend), 12)
 
 
 @pytest.mark.parametrize("backend", _triton_xfail(TRITON_TIES))
 def test_nearest_exact_ties_go_to_the_lowest_index(backend):
-    @settings(max_examples=hypothesis_examples(12), phases=_phases(backend))
-    @given(nearest_cases(backend, ties=True))
-    def prop(case):
-        _check_nearest(case, backend)
-
-    prop()
+    check_property(nearest_cases(backend, ties=True), lambda case: _check_nearest(case, backend), 12,
+                   phases=_phases(backend))
 
 
 @st.composite
@@ -122,9 +113,7 @@ def nan_cases(draw, backend: str) -> dict:
 
 @pytest.mark.parametrize("backend", _triton_xfail(TRITON_NAN))
 def test_nearest_nan_follows_argmin(backend):
-    @settings(max_examples=hypothesis_examples(10), phases=_phases(backend))
-    @given(nan_cases(backend))
-    def prop(case):
+    def check(case):
         x, codebook = _nearest_inputs(case)
         x[case["nan_rows"], case["nan_at"]] = float("nan")
         codebook[case["nan_codes"], case["nan_at"]] = float("nan")
@@ -134,15 +123,13 @@ def test_nearest_nan_follows_argmin(backend):
         assert torch.equal(dist.cpu().isnan(), nan), f"NaN distances at {dist.isnan().tolist()}, oracle {nan.tolist()}"
         assert torch.equal(idx.cpu()[nan], want_idx[nan]), "a NaN distance must come with torch.argmin's index"
 
-    prop()
+    check_property(nan_cases(backend), check, 10, phases=_phases(backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_statistics_match_dense_oracle(backend):
-    @settings(max_examples=hypothesis_examples(10))
-    @given(st.integers(0, 30), st.sampled_from([1, 2, 7, 33]), st.integers(1, 9), st.sampled_from(DTYPES[backend]),
-           st.integers(0, 2**16))
-    def prop(n, k, d, dtype, seed):
+    def check(case):
+        n, k, d, dtype, seed = case
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(n, d, generator=gen).to(dtype)
         indices = torch.randint(0, k, (n,), generator=gen)
@@ -151,15 +138,15 @@ def test_statistics_match_dense_oracle(backend):
         assert torch.equal(counts.cpu().double(), want_counts), "counts differ from the oracle"
         oracle.assert_close_to_oracle("sums", sums, want_sums, torch.float32 if dtype != torch.float64 else dtype)
 
-    prop()
+    cases = st.tuples(st.integers(0, 30), st.sampled_from([1, 2, 7, 33]), st.integers(1, 9),
+                      st.sampled_from(DTYPES[backend]), st.integers(0, 2**16))
+    check_property(cases, check, 10)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ema_update_matches_dense_oracle(backend):
-    @settings(max_examples=hypothesis_examples(10))
-    @given(st.sampled_from([1, 2, 5, 40]), st.integers(1, 9), st.floats(0.0, 0.999), st.booleans(),
-           st.integers(0, 2**16))
-    def prop(k, d, gamma, never_seen, seed):
+    def check(case):
+        k, d, gamma, never_seen, seed = case
         gen = torch.Generator().manual_seed(seed)
         codebook, sums = torch.randn(k, d, generator=gen), torch.randn(k, d, generator=gen)
         ema_counts = torch.zeros(k) if never_seen else torch.rand(k, generator=gen) * 4
@@ -172,4 +159,6 @@ def test_ema_update_matches_dense_oracle(backend):
         for name, got, expected in zip(("codebook", "ema_counts", "ema_sums"), state, want):
             oracle.assert_close_to_oracle(name, got, expected, torch.float32)
 
-    prop()
+    cases = st.tuples(st.sampled_from([1, 2, 5, 40]), st.integers(1, 9), st.floats(0.0, 0.999), st.booleans(),
+                      st.integers(0, 2**16))
+    check_property(cases, check, 10)
