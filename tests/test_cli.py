@@ -22,6 +22,14 @@ def _run(capsys, *argv) -> tuple[int, str]:
     return rc, out.out + out.err
 
 
+def _saved_eval(text: str, run) -> Path:
+    """The file `vlcore eval` says it saved: eval-<date>-<time>[-n].json in the run folder."""
+    saved = [Path(line.split(" ", 1)[1]) for line in text.splitlines() if line.startswith("saved ")]
+    assert len(saved) == 1 and saved[0].parent == run and re.fullmatch(r"eval-\d{8}-\d{6}(-\d+)?\.json",
+                                                                           saved[0].name), text
+    return saved[0]
+
+
 @pytest.mark.parametrize("command, must_mention", [
     ("pretrain", ["--model", "--data", "--steps", "--batch-size", "--grad-accum", "--lr", "--warmup", "--clip-grad",
                   "--precision", "--compile", "--activation-checkpointing", "--dist", "--resume", "--out-dir",
@@ -31,14 +39,6 @@ def _run(capsys, *argv) -> tuple[int, str]:
     ("bench", ["--quick", "--only", "run_all.py"]),
     ("info", ["backends"]),
 ])
-def _saved_eval(text: str, run) -> Path:
-    """The file `vlcore eval` says it saved: eval-<date>-<time>[-n].json in the run folder."""
-    saved = [Path(line.split(" ", 1)[1]) for line in text.splitlines() if line.startswith("saved ")]
-    assert len(saved) == 1 and saved[0].parent == run and re.fullmatch(r"eval-\d{8}-\d{6}(-\d+)?\.json",
-                                                                           saved[0].name), text
-    return saved[0]
-
-
 def test_help_of_every_command(capsys, command, must_mention):
     with pytest.raises(SystemExit) as e:
         cli.main([command, "--help"])
