@@ -273,8 +273,10 @@ def test_pruning_does_not_count_a_damaged_checkpoint_as_kept(tmp_path):
     _save(tmp_path, 3, keep=2)
     assert checkpoint.complete_steps(tmp_path / "checkpoints") == [3, 2, 1]  # step 1 is the second good one
     _flip_byte(tmp_path / "checkpoints" / "step-00000003.safetensors")
-    with pytest.warns(checkpoint.CheckpointFallbackWarning, match=r"step-00000003\.safetensors is damaged"):
+    with pytest.warns(checkpoint.CheckpointFallbackWarning) as rec:
         assert checkpoint.load_checkpoint(tmp_path)["step"] == 1
+    assert [str(w.message).split(" is damaged")[0].rsplit("/", 1)[1] for w in rec] == [
+        "step-00000003.safetensors", "step-00000002.state.safetensors"]
     _save(tmp_path, 4, keep=2)
     assert checkpoint.complete_steps(tmp_path / "checkpoints") == [4, 3, 2, 1]
     _save(tmp_path, 5, keep=2)
