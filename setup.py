@@ -206,7 +206,7 @@ setup(
         "pillow",  # images in tar shards / JSONL manifests, `vlcore caption` on files
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-benchmark", "hypothesis", "ruff", "scipy"],
+        "dev": ["pytest>=7", "pytest-benchmark", "hypothesis==6.170.17", "ruff", "scipy"],
         # peers that install cleanly beside any torch (open_clip, xformers, Inf-CL need matching torch builds:
         # the benchmarks list them as missing when absent)
         "bench": ["tabulate", "faiss-cpu"],

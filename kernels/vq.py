@@ -5,9 +5,13 @@ Nearest entry (semantics: :mod:`vlcore.reference.vq`). One program owns BLOCK_N 
 BLOCK_K tiles, each a tensor-core dot over D chunks with fp32 accumulation, keeping a running (best, index):
 
     s_ij = ||e_j||^2 - 2 x_i.e_j      (||e||^2 precomputed once per call, fp32)
-    h_i  = argmin_j s_ij               (tl.argmin breaks ties to the lowest index inside a tile; a later tile
-                                        replaces the best only when strictly smaller, so ties go to the lowest j)
-    d_i  = max(s_ih + ||x_i||^2, 0)
+    h_i  = argmin_j s_ij               (torch.argmin's order: NaN below every number, ties to the lowest index
+                                        inside a tile; a later tile replaces the best only when strictly
+                                        better, so ties go to the lowest j and the first NaN wins)
+    d_i  = max(s_ih + ||x_i||^2, 0)    (NaN stays NaN, as torch's clamp_min)
+
+Duplicate entries then map to their first copy (:func:`vlcore.reference.vq.first_identical`), so they go to the
+lowest index whatever the dot rounds per column.
 
 * l2 with fp16/bf16 x: the codebook is cast once to x's dtype (the reference's semantics), so the products are
   exact and the dot runs on the tensor cores with fp32 accumulation.
@@ -37,6 +41,16 @@ import triton.language as tl
 from vlcore.reference import vq as ref
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _argmin_combine(v1, i1, v2, i2):
+    """torch.argmin's order as a reduction: a NaN before every number, then the smaller value, then the lower
+    index (tl.argmin's comparisons are false for NaN, so it would skip a NaN score)."""
+    nan1 = v1 != v1
+    nan2 = v2 != v2
+    take1 = (nan1 & ~nan2) | (v1 < v2) | (((v1 == v2) | (nan1 & nan2)) & (i1 < i2))
+    return tl.where(take1, v1, v2), tl.where(take1, i1, i2)
 
 
 @triton.jit
@@ -75,13 +89,15 @@ def _nearest_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, dist_ptr, n_rows, n_codes, 
             acc = acc * scale[:, None]
         scores = e_sq[None, :] - 2.0 * acc
         scores = tl.where(col_ok[None, :], scores, float("inf"))
-        tile_best = tl.min(scores, axis=1)
-        tile_idx = tl.argmin(scores, axis=1) + k0
-        better = tile_best < best  # strict: an equal later tile keeps the lower index
+        col_ids = tl.broadcast_to(cols[None, :], (BLOCK_N, BLOCK_K))
+        tile_best, tile_idx = tl.reduce((scores, col_ids), 1, _argmin_combine)
+        # strict: an equal later tile keeps the lower index; a NaN replaces only a number (the first NaN wins)
+        better = (tile_best < best) | ((tile_best != tile_best) & (best == best))
         best_idx = tl.where(better, tile_idx, best_idx)
         best = tl.where(better, tile_best, best)
+    dist = best + x_sq
     tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_ok)
-    tl.store(dist_ptr + rows, tl.maximum(best + x_sq, 0.0), mask=row_ok)
+    tl.store(dist_ptr + rows, tl.where(dist < 0.0, 0.0, dist), mask=row_ok)  # clamp at 0, NaN stays NaN
 
 
 @triton.jit
@@ -174,7 +190,7 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, distance: str = "l2") ->
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
     kernel[grid](x, e, e_sq, idx, dist, n, e.shape[0], dim, x.stride(0), e.stride(0),
                  COSINE=distance == "cosine", NORM_EPS=ref.NORMALIZE_EPS, PRECISION=_precision(e.dtype), **cfg)
-    return idx, dist
+    return ref.first_identical(e)[idx], dist
 
 
 def vq_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> torch.Tensor:

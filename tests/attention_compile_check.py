@@ -46,10 +46,13 @@ def compile_spec(cap: int, dtype: torch.dtype, head_dim: int, flags: set[str], a
                 HAS_BIAS="bias" in flags, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
     prune_args = {"Q_BUCKET": 128, "HAS_BIAS": meta["HAS_BIAS"]}
     done = []
-    for fn, shapes, skew, prune in ((ka._fwd_kernel, ka._FWD_SHAPES, False, ka._pruner(64)),
-                                    (ka._dq_kernel, ka._DQ_SHAPES, False, ka._pruner(64)),
-                                    (ka._dkdv_kernel, ka._DKDV_SHAPES, True, ka._pruner(32, bias_limit=True))):
-        configs = _configs(shapes, skew)
+    prune_args["D_PAD"] = meta["D_PAD"]
+    for fn, shapes, large, skew, prune in (
+            (ka._fwd_kernel, ka._FWD_SHAPES, ka._FWD_SHAPES_LARGE_D, False, ka._pruner(64, ka._FWD_SHAPES_LARGE_D)),
+            (ka._dq_kernel, ka._DQ_SHAPES, ka._DQ_SHAPES_LARGE_D, False, ka._pruner(64, ka._DQ_SHAPES_LARGE_D)),
+            (ka._dkdv_kernel, ka._DKDV_SHAPES, ka._DKDV_SHAPES_LARGE_D, True,
+             ka._pruner(32, ka._DKDV_SHAPES_LARGE_D, bias_limit=True))):
+        configs = _configs(list(dict.fromkeys(shapes + large)), skew)
         configs = prune(configs, {}, **prune_args)
         if not all_configs:
             configs = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]

@@ -27,6 +27,34 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 HAS_CUDA = _HAS_CUDA
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
+try:  # property tests (tests/test_properties_*.py): a small reproducible budget in CI, more on request
+    from hypothesis import HealthCheck, example, given, settings
+
+    # derandomize: CI runs the same examples every time (a failure reproduces); no deadline: the Triton
+    # interpreter's first call compiles. `HYPOTHESIS_PROFILE=thorough pytest tests/test_properties_*` searches wider.
+    settings.register_profile("ci", max_examples=10, deadline=None, derandomize=True, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("thorough", max_examples=300, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # the property tests skip without hypothesis
+    settings = None
+
+
+def hypothesis_examples(ci: int) -> int:
+    """A property test's example count: ``ci`` in the CI profile, the profile's count scaled alike otherwise."""
+    if settings is None or os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci":
+        return ci
+    return max(ci, ci * settings.default.max_examples // 10)
+
+
+def check_property(strategy, check, ci_examples: int, *, always=(), **options) -> None:
+    """Run ``check(case)`` on the cases in ``always``, then on ``hypothesis_examples(ci_examples)`` drawn ones."""
+    test = given(strategy)(check)
+    for case in always:
+        test = example(case)(test)
+    settings(max_examples=hypothesis_examples(ci_examples), **options)(test)()
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (this machine has none)")

@@ -175,8 +175,8 @@ def _case(kw, n, dim):
     args = {key: (torch.tensor(val) if isinstance(val, list) else val) for key, val in kw.items()}
     leaves = [q, k, v]
     if rel:
-        leaves.append(torch.randn(3 * 5, 2, dtype=torch.float64))
-        args.update(rel_pos_grid=(2, 3), rel_pos_start=1)
+        leaves.append(torch.randn(3 * 3, 2, dtype=torch.float64))
+        args.update(rel_pos_grid=(2, 2), rel_pos_start=1)  # tokens 1..4: inside n >= 5
 
     def fn(q, k, v, table=None):
         return vlcore.attention(q, k, v, **args, **({"rel_pos_table": table} if table is not None else {}))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import tiny_vlm  # noqa: F401  (registers test-tiny and test-tiny-score)
@@ -29,6 +31,14 @@ def _run(capsys, *argv) -> tuple[int, str]:
     ("bench", ["--quick", "--only", "run_all.py"]),
     ("info", ["backends"]),
 ])
+def _saved_eval(text: str, run) -> Path:
+    """The file `vlcore eval` says it saved: eval-<date>-<time>[-n].json in the run folder."""
+    saved = [Path(line.split(" ", 1)[1]) for line in text.splitlines() if line.startswith("saved ")]
+    assert len(saved) == 1 and saved[0].parent == run and re.fullmatch(r"eval-\d{8}-\d{6}(-\d+)?\.json",
+                                                                           saved[0].name), text
+    return saved[0]
+
+
 def test_help_of_every_command(capsys, command, must_mention):
     with pytest.raises(SystemExit) as e:
         cli.main([command, "--help"])
@@ -118,10 +128,15 @@ def test_eval_through_score_for_models_without_dual_encoders(tmp_path, capsys):
     rc, _ = _run(capsys, "pretrain", "--model", "test-tiny-score", "--steps", "2", "--batch-size", "4",
                  "--out-dir", str(run), "--eval", "off", "--quiet")
     assert rc == 0 and not (run / "eval.json").exists()
+    (run / "eval.json").write_text("pretrain's own evaluation\n")
     rc, text = _run(capsys, "eval", "--checkpoint", str(run), "--scenes", "12", "--zero-shot-images", "10")
     assert rc == 0 and "(score;" in text
-    ev = json.loads((run / "eval.json").read_text())
+    ev = json.loads(_saved_eval(text, run).read_text())
     assert ev["method"] == "score" and ev["zero_shot_n"] == 10 and "caption_exact_match" not in ev
+    # a second evaluation gets its own file; pretrain's eval.json is never overwritten
+    rc, again = _run(capsys, "eval", "--checkpoint", str(run), "--scenes", "4", "--zero-shot-images", "4")
+    assert rc == 0 and _saved_eval(again, run) != _saved_eval(text, run)
+    assert (run / "eval.json").read_text() == "pretrain's own evaluation\n"
     with pytest.raises(SystemExit, match="not a captioner"):
         cli.main(["caption", "--checkpoint", str(run)])
 
@@ -155,7 +170,7 @@ def test_every_registered_tiny_model_trains_and_evaluates(tmp_path, capsys, name
     rc, text = _run(capsys, "eval", "--checkpoint", str(run), "--scenes", "4", "--zero-shot-images", "4",
                     "--batch-size", "64")
     assert rc == 0
-    ev = json.loads((run / "eval.json").read_text())
+    ev = json.loads(_saved_eval(text, run).read_text())
     assert 0 <= ev["zero_shot_acc"] <= 1 and 0 <= ev["t2i_r1"] <= 1
 
 

@@ -57,7 +57,7 @@ CASES = {
     "7x7-text-then-image-causal-pad": (2, 70, 70, 1, 32, torch.float16, (7, 7), 9,
                                        {"causal": True, "kv_lens": torch.tensor([70, 40])}),
     "7x7-cross-causal": (1, 40, 70, 2, 32, torch.float32, (7, 7), 3, {"causal": True}),
-    "7x7-grid-past-the-end": (1, 60, 60, 1, 32, torch.float32, (7, 7), 30, {}),
+    "7x7-grid-to-the-end": (1, 60, 60, 1, 32, torch.float32, (7, 7), 11, {}),
     "3x5-shared-queries": (2, 15, 15, 2, 32, torch.float32, (3, 5), 0, {"shared": True,
                                                                         "kv_lens": torch.tensor([15, 8])}),
     "3x5-windows-in-batch": (4, 15, 15, 1, 32, torch.float16, (3, 5), 0, {}),

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import json
@@ -61,6 +62,35 @@ def _model_names() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- pretrain
+class _Default:
+    """A pretrain option's default as argparse stores it when the flag is absent: ``--resume`` takes such options
+    from the run, not from these defaults, so "not given" must differ from "given with the default's value"."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __str__(self) -> str:  # what --help prints as the default
+        return str(self.value)
+
+
+def _mark_defaults(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        # append actions extend their default list in place; theirs is None, which already means "not given"
+        if action.default is not argparse.SUPPRESS and not isinstance(action, argparse._AppendAction):
+            action.default = _Default(action.default)
+
+
+def _explicit_options(args) -> tuple:
+    """Names of the options given on the command line; the others are replaced by their real defaults."""
+    given = []
+    for name, value in vars(args).items():
+        if isinstance(value, _Default):
+            setattr(args, name, value.value)
+        elif value is not None:
+            given.append(name)
+    return tuple(given)
+
+
 def _add_pretrain(sub) -> None:
     from vlcore.train.loop import TrainConfig
 
@@ -103,6 +133,9 @@ def _add_pretrain(sub) -> None:
     o.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
     o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay of weight matrices")
     o.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (0: no clipping)")
+    o.add_argument("--max-skipped-steps", type=int, default=d.max_skipped_steps,
+                   help="a step with a non-finite loss or gradient is skipped (not applied, counted in the metrics); "
+                        "this many in a row stop the run")
     o.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data and dropout")
     r = p.add_argument_group("hardware")
     r.add_argument("--device", default=d.device, help="auto (CUDA when available), cpu, cuda, cuda:1")
@@ -119,7 +152,10 @@ def _add_pretrain(sub) -> None:
     c = p.add_argument_group("output and checkpoints")
     c.add_argument("--out-dir", default=None, help="run folder (default runs/<model>-<date>-<time>)")
     c.add_argument("--resume", default=None, metavar="PATH",
-                   help="continue a run exactly: its folder, its checkpoints/latest.json or a weights file")
+                   help="continue a run exactly: its folder, its checkpoints/latest.json or a weights file (auto: the "
+                        "--out-dir folder, or the newest runs/<model>-*, if it has a checkpoint, else start anew; for "
+                        "torchrun --max-restarts); the run's "
+                        "settings are kept, flags given explicitly override them (each change is printed)")
     c.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out-dir (its metrics, config and checkpoints); without it "
                         "an existing run folder is an error")
@@ -129,16 +165,19 @@ def _add_pretrain(sub) -> None:
     c.add_argument("--eval", default=d.eval, choices=["auto", "on", "off"],
                    help="held-out evaluation at the end (auto: on for digits-scenes)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    _mark_defaults(p)
     p.set_defaults(func=_cmd_pretrain)
 
 
 def _cmd_pretrain(args) -> int:
     from vlcore.train.loop import TrainConfig, pretrain
 
+    explicit = tuple(n for n in _explicit_options(args) if n in {f.name for f in dataclasses.fields(TrainConfig)})
     _plugins(args.plugin)
     cfg = TrainConfig(model=args.model, data=args.data, steps=args.steps, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
-                      weight_decay=args.weight_decay, clip_grad=args.clip_grad, seed=args.seed,
+                      weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+                      max_skipped_steps=args.max_skipped_steps, seed=args.seed,
                       precision=args.precision, device=args.device, compile=args.compile,
                       activation_checkpointing=args.activation_checkpointing, dist=args.dist,
                       out_dir=args.out_dir, resume=args.resume, overwrite=args.overwrite,
@@ -147,7 +186,7 @@ def _cmd_pretrain(args) -> int:
                       vocab_size=args.vocab_size, max_text_len=args.max_text_len, image_size=args.image_size,
                       num_workers=args.num_workers, threads=args.threads,
                       scene_mix=_scene_mix(args.scene_mix), shuffle_buffer=args.shuffle_buffer,
-                      overrides=_overrides(args.overrides), quiet=args.quiet)
+                      overrides=_overrides(args.overrides), quiet=args.quiet, explicit=explicit)
     for name in ("steps", "batch_size", "grad_accum"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"vlcore pretrain: --{name.replace('_', '-')} must be >= 1; got {getattr(cfg, name)}")
@@ -182,7 +221,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="as for pretrain")
-    p.add_argument("--out", default=None, help="JSON path (default: eval.json in the run folder)")
+    p.add_argument("--out", default=None, help="JSON path (default: eval-<date>-<time>.json in the run folder; the eval.json "
+                        "that pretrain wrote stays as it is)")
     p.add_argument("--plugin", action="append", metavar="MODULE", help="import MODULE first (custom models)")
     p.set_defaults(func=_cmd_eval)
 
@@ -212,10 +252,22 @@ def _cmd_eval(args) -> int:
     print(f"{meta['model']} at step {metrics['step']}")
     print(evaluation.format_table(metrics))
     weights, _ = checkpoint.resolve(args.checkpoint)
-    out = Path(args.out) if args.out else weights.parent.parent / "eval.json"
+    out = Path(args.out) if args.out else _fresh_eval_path(weights.parent.parent)
     evaluation.save_json(metrics, out)
     print(f"saved {out}")
     return 0
+
+
+def _fresh_eval_path(run_dir: Path) -> Path:
+    """``eval-<date>-<time>.json`` in the run folder, never an existing file (pretrain's eval.json included)."""
+    import time
+
+    stem = f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = run_dir / f"{stem}.json", 1
+    while out.exists():  # two evaluations within one second
+        n += 1
+        out = run_dir / f"{stem}-{n}.json"
+    return out
 
 
 def _add_caption(sub) -> None:
@@ -300,6 +352,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run, or a fast GPU pass)")
     p.add_argument("--only", default="", help="comma-separated benchmark names (bench_<name>.py), e.g. attention,vq")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
+    p.add_argument("--resources", action="store_true",
+                   help="only the static resource report: every kernel config compiled for sm_90/sm_80 without a "
+                        "GPU (registers, spills, shared memory, tensor-core instructions); with --quick the "
+                        "default configs")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -313,7 +369,11 @@ def _cmd_bench(args) -> int:
               "VLCORE_BENCHMARKS=/path/to/vlcore/benchmarks.", file=sys.stderr)
         return 2
     cmd = [sys.executable, str(bench / "run_all.py")] + (["--quick"] if args.quick else [])
-    cmd += (["--only", args.only] if args.only else []) + (["--out", args.out] if args.out else [])
+    if args.resources:  # kernel_resources.py writes to <out> itself, not <out>/static
+        cmd = [sys.executable, str(bench / "kernel_resources.py")] + (["--quick"] if args.quick else [])
+    else:
+        cmd += ["--only", args.only] if args.only else []
+    cmd += ["--out", args.out] if args.out else []
     return subprocess.call(cmd, cwd=bench.parent)
 
 

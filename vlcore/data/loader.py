@@ -7,6 +7,7 @@ deterministic stream up to the position.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +15,12 @@ import torch
 from vlcore.data.digits_scenes import DigitsScenes, in_words, scenes_to_arrays
 from vlcore.data.shards import ShardStream
 from vlcore.data.tokenizer import ByteBPETokenizer
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the training process, which finishes its step and saves a checkpoint
+    (a worker that died of the SIGINT sent to the whole terminal group would fail the batch it owes)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Collator:
@@ -112,6 +119,7 @@ class DigitsSource:
                 # would shift dropout masks between an uninterrupted and a resumed run.
                 loader = torch.utils.data.DataLoader(_DigitsBatches(self, self.position), batch_size=None,
                                                      num_workers=self.num_workers, prefetch_factor=4,
+                                                     worker_init_fn=_ignore_interrupts,
                                                      generator=torch.Generator().manual_seed(self.position))
                 self._it = iter(loader)
             batch = next(self._it)
@@ -139,6 +147,7 @@ class ShardSource:
         loader = torch.utils.data.DataLoader(self.stream, batch_size=self.batch_size, collate_fn=self.collator,
                                              num_workers=self.num_workers, drop_last=True,
                                              persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
+                                             worker_init_fn=_ignore_interrupts,
                                              generator=torch.Generator().manual_seed(self.stream.seed))
         return iter(loader)
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from vlcore import _ext, dispatch
 from vlcore import _validate as V
 from vlcore import distributed as vdist
+from vlcore.cpu import contrastive as cpu_contrastive
 from vlcore.reference import contrastive as ref
 
 OP = "contrastive_loss"
@@ -40,6 +41,13 @@ class _ReferenceBackend:
 dispatch.register(dispatch.Backend(
     op=OP, name=dispatch.REFERENCE, devices=("cpu", "cuda"), dtypes=V.FLOAT_DTYPES, priority=0,
     load=_ReferenceBackend, description="PyTorch, materialises the (b, B) logits",
+))
+
+
+dispatch.register(dispatch.Backend(
+    op=OP, name=dispatch.CPU, devices=("cpu",), dtypes=V.FLOAT_DTYPES, priority=5,
+    load=lambda: cpu_contrastive.CpuContrastive,
+    description="column chunks with an online log-sum-exp (memory linear in the batch), chunked exact backward",
 ))
 
 
@@ -266,7 +274,7 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
         logit_bias: SigLIP's learnable bias (required for siglip, rejected for infonce where it cancels): a float
             or a one-element tensor.
         group: a ``torch.distributed`` process group (default: the default group when initialised, else none).
-        backend: ``reference`` | ``triton`` | ``cuda`` (default: automatic, see :mod:`vlcore.dispatch`).
+        backend: ``reference`` | ``cpu`` | ``triton`` | ``cuda`` (default: automatic, see :mod:`vlcore.dispatch`).
 
     Returns:
         0-dim loss in float32 (float64 for float64 inputs).
@@ -335,15 +343,17 @@ def _scalar(name: str, value, ref_t: torch.Tensor) -> torch.Tensor:
 def _check(image, text, logit_scale, kind, logit_bias, *, allow_empty: bool):
     for name, t in (("image_emb", image), ("text_emb", text)):
         V.tensor(_NAME, name, t, ndim=2, dtypes=V.FLOAT_DTYPES, layout="(b, D)")
+        # each tensor is checked on its own, so the message names the one that is wrong
+        if t.shape[1] == 0:
+            raise ValueError(f"{_NAME}: `{name}` must have shape (b, D) with D >= 1; got D = 0 ({V.describe(t)})")
+        if t.shape[0] == 0 and not allow_empty:
+            raise ValueError(f"{_NAME}: `{name}` must have shape (b, D) with b >= 1 rows outside a distributed "
+                             f"group; got an empty batch, b = 0 ({V.describe(t)})")
     if kind not in ref.KINDS:
         raise ValueError(f"{_NAME}: `kind` must be one of {ref.KINDS}; got {kind!r}")
     V.shape(_NAME, "text_emb", text, tuple(image.shape), "(b, D) matching image_emb")
     V.same_dtype(_NAME, "image_emb", image, text_emb=text)
     V.same_device(_NAME, "image_emb", image, text_emb=text)
-    if image.shape[1] == 0:
-        raise ValueError(f"{_NAME}: embeddings must have D >= 1; got {V.describe(image)}")
-    if image.shape[0] == 0 and not allow_empty:
-        raise ValueError(f"{_NAME}: empty batch (b = 0) outside a distributed group; got {V.describe(image)}")
     for name, t in (("image_emb", image), ("text_emb", text)):
         V.last_dim_contiguous(_NAME, name, t)
     scale = _scalar("logit_scale", logit_scale, image)

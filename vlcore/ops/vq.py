@@ -70,7 +70,7 @@ class _CudaBackend:
                                     e.shape[0], dim, x.stride(0), e.stride(0), _ext.dtype_code(x),
                                     _ext.dtype_code(e), distance == "cosine", ref.NORMALIZE_EPS,
                                     _ext.stream_handle(x.device))
-        return idx, dist
+        return ref.first_identical(e)[idx], dist  # duplicates to their first copy (see the reference)
 
     @staticmethod
     def statistics(x, indices, num_codes):
