@@ -273,8 +273,10 @@ def test_pruning_does_not_count_a_damaged_checkpoint_as_kept(tmp_path):
     _save(tmp_path, 3, keep=2)
     assert checkpoint.complete_steps(tmp_path / "checkpoints") == [3, 2, 1]  # step 1 is the second good one
     _flip_byte(tmp_path / "checkpoints" / "step-00000003.safetensors")
-    with pytest.warns(checkpoint.CheckpointFallbackWarning, match=r"step-00000003\.safetensors is damaged"):
+    with pytest.warns(checkpoint.CheckpointFallbackWarning) as rec:
         assert checkpoint.load_checkpoint(tmp_path)["step"] == 1
+    assert [str(w.message).split(" is damaged")[0].rsplit("/", 1)[1] for w in rec] == [
+        "step-00000003.safetensors", "step-00000002.state.safetensors"]
     _save(tmp_path, 4, keep=2)
     assert checkpoint.complete_steps(tmp_path / "checkpoints") == [4, 3, 2, 1]
     _save(tmp_path, 5, keep=2)
@@ -348,6 +350,37 @@ def test_overwrite_replaces_only_vlcores_files_of_the_old_run(tmp_path, capsys):
     assert checkpoint.complete_steps(run / "checkpoints") == [2, 1]
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert (run / "notes.txt").read_text() == "mine" and not (run / "eval-20260101-120000.json").exists()
+
+
+def test_resume_auto_restarts_a_job_killed_before_its_first_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    _fake_run(run)  # metrics, config, a latest.json, but no finished save
+    (run / "checkpoints" / "step-00000002.safetensors").write_bytes(b"half")  # killed mid-write
+    res = pretrain(_cfg(run, steps=2, resume="auto"))
+    assert len(res["losses"]) == 2 and checkpoint.complete_steps(run / "checkpoints") == [2]
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_auto_continues_a_run_that_lost_its_latest_json(tmp_path):
+    run = tmp_path / "run"
+    pretrain(_cfg(run, steps=2))
+    (run / "checkpoints" / "latest.json").unlink()  # the manifests still say which checkpoints are complete
+    res = pretrain(_cfg(run, steps=4, resume="auto"))
+    assert len(res["losses"]) == 2  # steps 3 and 4: continued, not restarted
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_resume_auto_refuses_a_folder_of_pickled_checkpoints_and_resume_never_restores_overwrite(tmp_path):
+    from vlcore.train import resume
+
+    run = tmp_path / "run"
+    _plant_pickled_state(run, tmp_path / "pwned")
+    (run / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(run_folder.RunFolderExists):
+        pretrain(_cfg(run, resume="auto"))
+    assert (run / "checkpoints" / "step-00000001.state.pt").exists() and not (tmp_path / "pwned").exists()
+    merged, _, _ = resume.merge_settings(_cfg(run), {"overwrite": True, "weight_decay": 0.5})
+    assert merged.weight_decay == 0.5 and merged.overwrite is False  # a per-launch decision, never taken from the run
 
 
 # ---------------------------------------------------------------------------------------------- 4. disk full

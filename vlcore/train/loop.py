@@ -195,7 +195,9 @@ def _resolve_auto_resume(cfg: TrainConfig, info) -> TrainConfig:
     where = cfg.out_dir or f"runs/{cfg.model}-*"
     if found is None:
         _log(info, f"--resume auto: no checkpoint in {where}; starting a new run")
-        return dataclasses.replace(cfg, resume=None)
+        # An earlier attempt of this job that died before its first checkpoint is replaced, not refused.
+        restart = cfg.out_dir is not None and run_folder.is_unsaved_attempt(cfg.out_dir)
+        return dataclasses.replace(cfg, resume=None, overwrite=cfg.overwrite or restart)
     _log(info, f"--resume auto: continuing {found}")
     return dataclasses.replace(cfg, resume=found)
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from vlcore.train import checkpoint
+
 # Per launch: the machine decides, not the run.
-LAUNCH_FIELDS = frozenset({"resume", "out_dir", "device", "threads", "num_workers", "compile", "quiet", "explicit"})
+LAUNCH_FIELDS = frozenset({"resume", "out_dir", "overwrite", "device", "threads", "num_workers", "compile", "quiet",
+                           "explicit"})
 # Fixed by the checkpoint's model and tokenizer.
 MODEL_FIELDS = frozenset({"model", "tokenizer", "vocab_size", "max_text_len", "image_size", "overrides"})
 # What the optimizer and scheduler states restore but a changed setting must override.
@@ -86,8 +89,8 @@ def find_latest_run(out_dir: str | None, model: str, root: str = "runs") -> Path
     """``--resume auto``: ``out_dir`` if it holds a checkpoint, or without ``--out-dir`` the newest
     ``runs/<model>-*`` that does (a restarted job with default folder names starts a new folder each time)."""
     candidates = [Path(out_dir)] if out_dir else sorted(Path(root).glob(f"{model}-*"))
-    pointers = [c / "checkpoints" / "latest.json" for c in candidates]
-    pointers = [p for p in pointers if p.is_file()]
-    if not pointers:
+    # A finished save leaves a manifest; latest.json alone may be missing or broken while good checkpoints exist.
+    saved = [c / "checkpoints" for c in candidates if checkpoint.complete_steps(c / "checkpoints")]
+    if not saved:
         return None
-    return max(pointers, key=lambda p: p.stat().st_mtime).parent.parent
+    return max(saved, key=lambda c: c.stat().st_mtime).parent

@@ -44,6 +44,13 @@ def refusal(out_dir: str | Path | None, resume: str | Path | None, overwrite: bo
             f"with --resume {target}, or pass --overwrite to replace it")
 
 
+def is_unsaved_attempt(folder: str | Path) -> bool:
+    """True when ``folder`` has no finished checkpoint (no ``step-N.json``) and no checkpoint of an older vlcore:
+    what a job killed before its first save leaves, and what ``--resume auto`` may start again in place."""
+    ckpts = Path(folder) / "checkpoints"
+    return not checkpoint.complete_steps(ckpts) and not (ckpts.is_dir() and any(ckpts.glob("step-*.state.pt")))
+
+
 def prepare(run_dir: str | Path, resume: str | Path | None, overwrite: bool) -> list[Path]:
     """Create ``run_dir``; with ``overwrite``, delete the files of a run there that is not the one resumed. Removes
     stale temporaries of a killed write either way. Returns what was deleted."""
