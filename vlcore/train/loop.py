@@ -4,7 +4,11 @@ Every model trains with its own objective: the loop backpropagates ``model(batch
 scalars the model returns. AdamW with warm-up + cosine, gradient clipping, gradient accumulation, bf16 autocast
 on GPUs, activation checkpointing (every block of the model's ``nn.ModuleList``s), ``torch.compile``, DDP or FSDP.
 A resumed run restores weights, optimizer, scheduler, every rank's RNG and the data position, so it continues
-with exactly the losses an uninterrupted run would have had.
+with exactly the losses an uninterrupted run would have had, and the run's own settings (flags given explicitly
+override them; ``--resume auto`` finds the run to continue after a restart).
+
+A step whose loss or gradient is not finite is skipped, not applied (see :mod:`vlcore.train.guard`); SIGINT and
+SIGTERM end the current step, save a checkpoint and exit 130 / 143.
 """
 
 from __future__ import annotations
