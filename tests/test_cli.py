@@ -121,6 +121,10 @@ def test_pretrain_eval_caption_end_to_end(tmp_path, capsys):
     image.new("RGB", (40, 30), (200, 200, 200)).save(tmp_path / "photo.png")
     rc, text = _run(capsys, "caption", "--checkpoint", str(run), str(tmp_path / "photo.png"))
     assert rc == 0 and text.startswith(f"{tmp_path / 'photo.png'}: ")
+    (tmp_path / "notes.png").write_text("not an image")
+    for bad, why in [("notes.png", "that does not decode"), ("gone.png", "No such file")]:
+        rc, text = _run(capsys, "caption", "--checkpoint", str(run), str(tmp_path / bad))
+        assert rc == 2 and "images: expected" in text and why in text and len(text.strip().splitlines()) == 1
 
 
 def test_eval_through_score_for_models_without_dual_encoders(tmp_path, capsys):

@@ -213,6 +213,30 @@ def test_a_long_bad_start_stops_before_the_pass_ends(tmp_path, monkeypatch):
         next(iter(stream))
 
 
+def test_skip_counts_after_a_resume_equal_the_uninterrupted_run(tmp_path):
+    members = [{"key": f"{i:04d}", "png": b"junk" if i % 5 == 2 else _png(i), "txt": f"c {i}".encode()}
+               for i in range(30)]
+    _tar(tmp_path / "u.tar", members)
+    tok = ByteBPETokenizer.train(["c 1"], vocab_size=300)
+
+    def source():
+        return ShardSource(ShardStream(str(tmp_path / "u.tar"), image_size=8, shuffle_buffer=4), Collator(tok),
+                           batch_size=3, num_workers=0)
+
+    straight = source()
+    for _ in range(11):
+        straight.next_batch()
+    resumed = source()
+    for _ in range(4):
+        resumed.next_batch()
+    again = source()
+    again.load_state_dict(resumed.state_dict())
+    for _ in range(7):
+        again.next_batch()
+    assert again.skip_reasons() == straight.skip_reasons() == {skips.UNDECODABLE_IMAGE: 9}
+    assert again.skip_summary() == straight.skip_summary() and again.state_dict() == straight.state_dict()
+
+
 def test_missing_paths_are_errors_before_any_work(tmp_path):
     _non_images_tar(tmp_path / "s-0.tar")
     (tmp_path / "empty").mkdir()
