@@ -24,7 +24,7 @@ def timm_relative_position_index(gh, gw):
 
 def naive_attention(q, k, v, *, causal=False, prefix_lens=None, kv_lens=None, table=None, grid=None, start=0,
                     scale=None):
-    """Row by row in float64 with explicit visibility rules (DESIGN.md §1)."""
+    """Row by row in float64 with explicit visibility rules (docs/design.md §1)."""
     batch, nk, heads, dim = k.shape
     nq = q.shape[1]
     scale = dim ** -0.5 if scale is None else scale

@@ -16,12 +16,18 @@ import os
 import sys
 from pathlib import Path
 
+from vlcore import cli_args
+from vlcore.cli_args import Parser, UsageError, device, float_in, int_at_least
+
 _DESCRIPTION = "vlcore: fused kernels and compact models for vision-language pretraining."
 
 
 def _plugins(names: list[str] | None) -> None:
     for name in names or []:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise UsageError(f"--plugin: expected an importable module, found {name!r} ({e})") from None
 
 
 def _json_value(text: str):
@@ -35,7 +41,7 @@ def _overrides(pairs: list[str] | None) -> dict:
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"vlcore: --set expects KEY=VALUE, got {pair!r}")
+            raise UsageError(f"--set: expected KEY=VALUE, found {pair!r}")
         k, v = pair.split("=", 1)
         out[k.strip()] = _json_value(v)
     return out
@@ -47,7 +53,7 @@ def _scene_mix(text: str) -> tuple:
     except ValueError:
         mix = ()
     if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
-        raise SystemExit(f"vlcore pretrain: --scene-mix expects three non-negative weights like 0.4,0.3,0.3; got {text!r}")
+        raise UsageError(f"--scene-mix: expected three non-negative weights like 0.4,0.3,0.3, found {text!r}")
     return mix
 
 
@@ -113,33 +119,37 @@ def _add_pretrain(sub) -> None:
                         "manifests: 'dir/', 'shards/{00000..00009}.tar', globs, comma-separated lists")
     g.add_argument("--scene-mix", default=",".join(f"{w:g}" for w in d.scene_mix), metavar="P1,P2,P3",
                    help="digits-scenes: how often a training image holds one, two, three digits")
-    g.add_argument("--image-size", type=int, default=d.image_size, help="input resolution (square)")
-    g.add_argument("--max-text-len", type=int, default=d.max_text_len, help="caption length incl. BOS/EOS")
+    g.add_argument("--image-size", type=int_at_least(1), default=d.image_size, help="input resolution (square)")
+    g.add_argument("--max-text-len", type=int_at_least(2), default=d.max_text_len, help="caption length incl. BOS/EOS")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer JSON file to use (default: train a byte-level BPE on the run's captions)")
-    g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="vocabulary size when training the BPE")
-    g.add_argument("--num-workers", type=int, default=d.num_workers,
+    g.add_argument("--vocab-size", type=int_at_least(263), default=d.vocab_size, help="vocabulary size when training the BPE")
+    g.add_argument("--num-workers", type=int_at_least(-1), default=d.num_workers,
                    help="data loader processes that make the batches (0: in the training process; "
                         "-1: auto, 0 on CPU and 2 per GPU process)")
-    g.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="sample shuffle window (shards)")
+    g.add_argument("--shuffle-buffer", type=int_at_least(0), default=d.shuffle_buffer,
+                   help="sample shuffle window (shards)")
+    g.add_argument("--max-bad-fraction", type=float_in(0, 1), default=d.max_bad_fraction,
+                   help="shards/manifests: stop when more than this fraction of the samples is unusable (each "
+                        "skip is counted by reason in the metrics and the summary)")
     g.add_argument("--plugin", action="append", metavar="MODULE",
                    help="import MODULE first (e.g. one that registers your models with vlcore.models.register)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
-    o.add_argument("--batch-size", type=int, default=d.batch_size, help="micro-batch per process")
-    o.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
-    o.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr (cosine)")
-    o.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
-    o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay of weight matrices")
-    o.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (0: no clipping)")
-    o.add_argument("--max-skipped-steps", type=int, default=d.max_skipped_steps,
+    o.add_argument("--steps", type=int_at_least(1), default=d.steps, help="optimizer steps")
+    o.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size, help="micro-batch per process")
+    o.add_argument("--grad-accum", type=int_at_least(1), default=d.grad_accum, help="micro-batches per optimizer step")
+    o.add_argument("--lr", type=float_in(0, low_open=True), default=d.lr, help="peak learning rate (AdamW)")
+    o.add_argument("--min-lr-ratio", type=float_in(0, 1), default=d.min_lr_ratio, help="final lr / peak lr (cosine)")
+    o.add_argument("--warmup", type=int_at_least(0), default=d.warmup, help="linear warm-up steps")
+    o.add_argument("--weight-decay", type=float_in(0), default=d.weight_decay, help="AdamW decay of weight matrices")
+    o.add_argument("--clip-grad", type=float_in(0), default=d.clip_grad, help="max gradient norm (0: no clipping)")
+    o.add_argument("--max-skipped-steps", type=int_at_least(1), default=d.max_skipped_steps,
                    help="a step with a non-finite loss or gradient is skipped (not applied, counted in the metrics); "
                         "this many in a row stop the run")
-    o.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data and dropout")
+    o.add_argument("--seed", type=int_at_least(0), default=d.seed, help="seed of weights, data and dropout")
     r = p.add_argument_group("hardware")
-    r.add_argument("--device", default=d.device, help="auto (CUDA when available), cpu, cuda, cuda:1")
-    r.add_argument("--threads", type=int, default=d.threads,
+    r.add_argument("--device", type=device, default=d.device, help="auto (CUDA when available), cpu, cuda, cuda:1")
+    r.add_argument("--threads", type=int_at_least(0), default=d.threads,
                    help="torch intra-op threads per process (0: on CPU the machine's cores / local processes, "
                         "less the data workers; torch's default on GPU)")
     r.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"],
@@ -159,9 +169,9 @@ def _add_pretrain(sub) -> None:
     c.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out-dir (its metrics, config and checkpoints); without it "
                         "an existing run folder is an error")
-    c.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (and at the end)")
-    c.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep")
-    c.add_argument("--log-every", type=int, default=d.log_every, help="metrics JSONL record every N steps")
+    c.add_argument("--save-every", type=int_at_least(0), default=d.save_every, help="checkpoint every N steps (and at the end)")
+    c.add_argument("--keep", type=int_at_least(1), default=d.keep, help="checkpoints to keep")
+    c.add_argument("--log-every", type=int_at_least(1), default=d.log_every, help="metrics JSONL record every N steps")
     c.add_argument("--eval", default=d.eval, choices=["auto", "on", "off"],
                    help="held-out evaluation at the end (auto: on for digits-scenes)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -169,11 +179,38 @@ def _add_pretrain(sub) -> None:
     p.set_defaults(func=_cmd_pretrain)
 
 
+def _check_pretrain_inputs(args) -> None:
+    """The names and paths a run needs, checked before any work (tokenizer training, model building)."""
+    from vlcore import models
+    from vlcore.data.shards import expand_urls
+    from vlcore.data.skips import DataError
+    from vlcore.train.loop import DIGITS
+
+    if args.resume is None and args.model not in models.list_models():
+        raise UsageError(f"--model: expected a registered model ({', '.join(models.list_models())}), found "
+                         f"{args.model!r} (a model of your own: --plugin MODULE that registers it)")
+    if args.resume is None and args.overrides:
+        fields = sorted(f.name for f in dataclasses.fields(models.get_config(args.model)))
+        unknown = sorted(set(_overrides(args.overrides)) - set(fields))
+        if unknown:
+            raise UsageError(f"--set: expected fields of {args.model}'s config ({', '.join(fields)}), found "
+                             f"{', '.join(unknown)}")
+    if args.tokenizer is not None and not Path(args.tokenizer).is_file():
+        raise UsageError(f"--tokenizer: expected a tokenizer JSON file, found {args.tokenizer!r}, "
+                         f"{'a folder' if Path(args.tokenizer).is_dir() else 'which does not exist'}")
+    if args.data != DIGITS:
+        try:
+            expand_urls(args.data)
+        except DataError as e:
+            raise UsageError(f"--data: expected {DIGITS!r} or existing tar shards / JSONL manifests; {e}") from None
+
+
 def _cmd_pretrain(args) -> int:
     from vlcore.train.loop import TrainConfig, pretrain
 
     explicit = tuple(n for n in _explicit_options(args) if n in {f.name for f in dataclasses.fields(TrainConfig)})
     _plugins(args.plugin)
+    _check_pretrain_inputs(args)
     cfg = TrainConfig(model=args.model, data=args.data, steps=args.steps, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
                       weight_decay=args.weight_decay, clip_grad=args.clip_grad,
@@ -186,10 +223,8 @@ def _cmd_pretrain(args) -> int:
                       vocab_size=args.vocab_size, max_text_len=args.max_text_len, image_size=args.image_size,
                       num_workers=args.num_workers, threads=args.threads,
                       scene_mix=_scene_mix(args.scene_mix), shuffle_buffer=args.shuffle_buffer,
-                      overrides=_overrides(args.overrides), quiet=args.quiet, explicit=explicit)
-    for name in ("steps", "batch_size", "grad_accum"):
-        if getattr(cfg, name) < 1:
-            raise SystemExit(f"vlcore pretrain: --{name.replace('_', '-')} must be >= 1; got {getattr(cfg, name)}")
+                      max_bad_fraction=args.max_bad_fraction, overrides=_overrides(args.overrides),
+                      quiet=args.quiet, explicit=explicit)
     from vlcore.train.checkpoint import CheckpointWriteError
     from vlcore.train.run_folder import RunFolderExists
 
@@ -214,12 +249,12 @@ def _add_eval(sub) -> None:
                                    "JSON.")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="run folder, its checkpoints/latest.json, or a weights file")
-    p.add_argument("--scenes", type=int, default=100, help="held-out scenes for retrieval")
-    p.add_argument("--zero-shot-images", type=int, default=None,
+    p.add_argument("--scenes", type=int_at_least(1), default=100, help="held-out scenes for retrieval")
+    p.add_argument("--zero-shot-images", type=int_at_least(1), default=None,
                    help="held-out single-digit images to classify (default: all 359 held-out scans)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out images' placement")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the held-out images' placement")
+    p.add_argument("--batch-size", type=int_at_least(1), default=256, help="evaluation batch")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="as for pretrain")
     p.add_argument("--out", default=None, help="JSON path (default: eval-<date>-<time>.json in the run folder; the eval.json "
                         "that pretrain wrote stays as it is)")
@@ -232,6 +267,9 @@ def _load(args):
     from vlcore.train.loop import model_from_checkpoint
 
     _plugins(args.plugin)
+    if not Path(args.checkpoint).exists():
+        raise UsageError(f"--checkpoint: expected a run folder, its checkpoints/latest.json or a weights file, "
+                         f"found {args.checkpoint!r}, which does not exist")
     device = distributed.pick_device(args.device)
     model, tokenizer, meta = model_from_checkpoint(args.checkpoint, device)
     return model, tokenizer, meta, device
@@ -278,14 +316,14 @@ def _add_caption(sub) -> None:
                                    "captions.")
     p.add_argument("images", nargs="*", help="image files (need Pillow); none: held-out digits-scenes")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="run folder or weights file")
-    p.add_argument("--num", type=int, default=8, help="held-out scenes to caption when no image is given")
+    p.add_argument("--num", type=int_at_least(1), default=8, help="held-out scenes to caption when no image is given")
     p.add_argument("--strategy", default="greedy", choices=["greedy", "beam", "top_p"], help="decoding")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's max_text_len")
-    p.add_argument("--beams", type=int, default=4, help="beam width (strategy beam)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass (strategy top_p)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (strategy top_p)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed and held-out scene seed")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=None, help="default: the model's max_text_len")
+    p.add_argument("--beams", type=int_at_least(1), default=4, help="beam width (strategy beam)")
+    p.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=0.9, help="nucleus mass (strategy top_p)")
+    p.add_argument("--temperature", type=float_in(0, low_open=True), default=1.0, help="sampling temperature (strategy top_p)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="sampling seed and held-out scene seed")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda")
     p.add_argument("--plugin", action="append", metavar="MODULE", help="import MODULE first (custom models)")
     p.set_defaults(func=_cmd_caption)
 
@@ -302,20 +340,32 @@ def _generate_kwargs(fn, args) -> dict:
     return {k: v for k, v in wanted.items() if k in params}
 
 
+def _image_file(path: str, size: int):
+    from vlcore.data.samples import decode_image
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"images: expected image files, found {path!r} ({e.strerror or e})") from None
+    try:
+        return decode_image(data, size)
+    except Exception as e:  # noqa: BLE001 - any decoder failure: the file is not an image we can read
+        raise UsageError(f"images: expected an image file (JPEG, PNG, WebP, BMP, GIF, TIFF), found {path!r} "
+                         f"that does not decode ({type(e).__name__}: {e})") from None
+
+
 def _cmd_caption(args) -> int:
     import torch
 
     from vlcore.data.digits_scenes import retrieval_set, scenes_to_arrays
-    from vlcore.data.shards import decode_image
-
     model, tokenizer, meta, device = _load(args)
     if not hasattr(model, "generate"):
-        raise SystemExit(f"vlcore caption: {meta['model']} is not a captioner (it has no generate()); captioners: "
-                         "coca-*, simvlm-*")
+        raise UsageError(f"--checkpoint: expected a captioner's checkpoint (coca-*, simvlm-*: models with "
+                         f"generate()), found a {meta['model']} checkpoint")
     data = meta.get("data", {})
     size = int(data.get("image_size", 64))
     if args.images:
-        images = torch.stack([decode_image(Path(f).read_bytes(), size) for f in args.images])
+        images = torch.stack([_image_file(f, size) for f in args.images])
         refs = [None] * len(args.images)
         names = list(args.images)
     else:
@@ -394,8 +444,8 @@ def _cmd_info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from vlcore._version import __version__
 
-    parser = argparse.ArgumentParser(prog="vlcore", description=_DESCRIPTION,
-                                     epilog="Run `vlcore <command> --help` for the options of a command.")
+    parser = Parser(prog="vlcore", description=_DESCRIPTION,
+                    epilog="Run `vlcore <command> --help` for the options of a command.")
     parser.add_argument("--version", action="version", version=f"vlcore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     _add_pretrain(sub)
@@ -403,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_caption(sub)
     _add_bench(sub)
     _add_info(sub)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     return parser
 
 
@@ -412,7 +464,13 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        cli_args.check_backend_environment()
+        return args.func(args)
+    except (Exception, KeyboardInterrupt) as e:
+        if args.debug:
+            raise
+        return cli_args.report(args.command, e)
 
 
 if __name__ == "__main__":

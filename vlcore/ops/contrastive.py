@@ -1,6 +1,6 @@
 """``vlcore.contrastive_loss``: validation, distribution over ranks, backend dispatch, ``torch.library`` + autograd.
 
-Semantics: DESIGN.md §3 and :mod:`vlcore.reference.contrastive`. The loss is assembled from one op over
+Semantics: docs/design.md §3 and :mod:`vlcore.reference.contrastive`. The loss is assembled from one op over
 *local rows × gathered columns* (see the reference's docstring); backends implement
 
     forward(x, y, scale, bias, offset, kind) -> (rows (b,) fp32/fp64, lse ((b,) for infonce, (0,) for siglip))

@@ -1,6 +1,6 @@
 """``vlcore.vq_nearest`` and ``vlcore.vq_statistics``: validation, dispatch, ``torch.library`` registration.
 
-Semantics: DESIGN.md §4 and :mod:`vlcore.reference.vq`. Backends (op family ``vq``) implement
+Semantics: docs/design.md §4 and :mod:`vlcore.reference.vq`. Backends (op family ``vq``) implement
 
     nearest(x (N, D), codebook (K, D), distance) -> (indices int64 [N], squared distances fp32 [N])
     statistics(x (N, D), indices [N], num_codes) -> packed fp32 (K, D + 1): [:, :D] sums, [:, D] counts

@@ -75,6 +75,7 @@ class TrainConfig:
     threads: int = 0
     scene_mix: tuple = (0.5, 0.25, 0.25)
     shuffle_buffer: int = 1000
+    max_bad_fraction: float = 0.1  # shards/manifests: stop when more of the samples are unusable
     overrides: dict = field(default_factory=dict)
     quiet: bool = False
     # Fields set on purpose (the CLI's explicit flags): on --resume the others come from the run. None: those
@@ -343,7 +344,8 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
                               cfg.batch_size, info.rank, info.world_size, num_workers=cfg.num_workers)
     else:
         stream = ShardStream(cfg.data, image_size=image_size, seed=cfg.seed, rank=info.rank,
-                             world_size=info.world_size, shuffle_buffer=cfg.shuffle_buffer)
+                             world_size=info.world_size, shuffle_buffer=cfg.shuffle_buffer,
+                             max_bad_fraction=cfg.max_bad_fraction)
         source = ShardSource(stream, collator, cfg.batch_size, cfg.num_workers)
 
     start_step = 0
@@ -433,8 +435,7 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
             rec = {"step": done, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                    "samples_per_s": thr, "elapsed_s": now - t_start}
             rec.update({f"loss/{k}": v for k, v in values.items() if k != "loss"})
-            if source.skipped:
-                rec["skipped_samples"] = source.skipped
+            rec.update(skipped_samples=source.skipped, skipped_by_reason=source.skip_reasons())
             if nonfinite.skipped:
                 rec["skipped_steps"] = nonfinite.skipped
             metrics.write(rec)
@@ -454,9 +455,9 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
     progress.close()
     train_s = time.perf_counter() - t_start
     _log(info, f"trained {cfg.steps - start_step} steps in {train_s:.0f} s; final loss {losses[-1]:.4f}"
-               + (f"; skipped {source.skipped} unreadable samples" if source.skipped else "")
-               + (f"; skipped {nonfinite.skipped} steps with a non-finite loss or gradient"
-                  if nonfinite.skipped else ""))
+               + (f"; {source.skip_summary()}" if source.skip_summary() else ""))
+            if nonfinite.skipped:
+                rec["skipped_steps"] = nonfinite.skipped
     if info.enabled and cfg.dist == "ddp":
         if not distributed.ranks_agree(model):
             raise RuntimeError("after training the ranks hold different weights: a model op is not deterministic "
