@@ -41,7 +41,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from vlcore.kernels._launch import checked_grid, deterministic, fp32_dot_precision, launch_context
+from vlcore.kernels._launch import KernelVariant, checked_grid, deterministic, fp32_dot_precision, launch_context
 from vlcore.kernels.attention_limits import SUPPORTED_HEAD_DIMS
 
 LOG2E = 1.4426950408889634
@@ -537,10 +537,15 @@ _JIT = {"fwd": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}
 
 
 def _fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tuple[int, int], q_bucket: int):
-    """(BLOCK_M, BLOCK_N, warps, stages) used without autotuning, one per (kernel, dtype, head dim, capability):
-    sized to fit fp32 at the head dim in an A100's shared memory (164 KB) without spilling."""
+    """(BLOCK_M, BLOCK_N, warps, stages) used without autotuning (the interpreter: its small tiles)."""
     if _INTERPRET:
         return (*_INTERPRET_BLOCKS, 4, 1)
+    return _gpu_fixed_shape(kernel, dtype, d_pad, capability, q_bucket)
+
+
+def _gpu_fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tuple[int, int], q_bucket: int):
+    """One config per (kernel, dtype, head dim, capability), sized to fit fp32 at the head dim in an A100's
+    shared memory (164 KB)."""
     if d_pad <= 128:
         shape = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}[kernel]
     else:
@@ -683,7 +688,7 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
         return zeros(q), zeros(k), zeros(v), None if table is None else zeros(table)
     meta, plens, klens, tab, tstr, (gh, gw, s) = _common(q, k, prefix_lens, kv_lens, causal, table, grid, start)
     delta = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
-    d_blk = 64 if not _INTERPRET else 32
+    d_blk = _DELTA_BLOCK if not _INTERPRET else 32
     with launch_context("attention.delta", q):
         _delta_kernel[_grid("attention.delta", q.device, nq, d_blk, batch * heads)](
             out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, nq, HEAD_DIM=dim, D_PAD=meta["D_PAD"],
@@ -733,6 +738,91 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
     return dq, dk, dv, dtable
 
 
+# ---- static resource report: every config the launchers may choose ---------------------------------------
+
+_TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_IN_DTYPE_PTRS = ("Q", "K", "V", "Out", "Table", "DOut", "DK", "DV", "DQ")  # in the input dtype
+_FP32_PTRS = ("Lse", "Delta", "DTab")
+_INT_PTRS = ("PrefixLens", "KvLens")
+_FLOAT_ARGS = ("qk_scale", "scale")
+_DELTA_BLOCK = 64  # _delta_kernel's rows per program on a GPU
+
+
+def kernel_signature(fn, dtype: torch.dtype, constexprs) -> dict[str, str]:
+    """Triton signature of one of this module's kernels for inputs of ``dtype`` (as a real launch has it).
+    The split-K forward writes fp32 partial outputs; the report uses the usual ``Out`` in the input dtype."""
+    def kind(name):
+        if name in constexprs:
+            return "constexpr"
+        if name in _IN_DTYPE_PTRS:
+            return "*" + _TYPE_NAMES[dtype]
+        if name in _FP32_PTRS:
+            return "*fp32"
+        if name in _INT_PTRS:
+            return "*i32"
+        return "fp32" if name in _FLOAT_ARGS else "i32"  # sizes, strides, grid, bucket ints
+
+    return {name: kind(name) for name in fn.arg_names}
+
+
+def _divisible(fn) -> tuple[str, ...]:
+    """Arguments a real launch sees as multiples of 16: every pointer (torch allocations are 256-byte aligned)
+    and the row/batch/head strides of (B, N, H, D) tensors whose D is a multiple of 16 (the report's head dims)."""
+    strides = ("stride_qb", "stride_qn", "stride_qh", "stride_kb", "stride_kn", "stride_kh", "stride_vb",
+               "stride_vn", "stride_vh", "stride_ob", "stride_on", "stride_oh", "stride_db", "stride_dn", "stride_dh",
+               "stride_dkb", "stride_dkn", "stride_dkh", "stride_dvb", "stride_dvn", "stride_dvh", "stride_dqb",
+               "stride_dqn", "stride_dqh", "stride_os")
+    pointers = _IN_DTYPE_PTRS + _FP32_PTRS + _INT_PTRS
+    return tuple(name for name in fn.arg_names if name in pointers or name in strides)
+
+
+_REPORT_FLAGS = ("", "causal", "prefix,kvlen,bias")
+_REPORT_DIMS = (64, 128, 256)
+
+
+def _flag_meta(dim: int, dtype: torch.dtype, flags: str) -> dict:
+    on = set(filter(None, flags.split(",")))
+    return dict(HEAD_DIM=dim, D_PAD=max(16, triton.next_power_of_2(dim)), CAUSAL="causal" in on or "prefix" in on,
+                HAS_PREFIX="prefix" in on, HAS_KVLEN="kvlen" in on, HAS_BIAS="bias" in on,
+                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def static_variants() -> list[KernelVariant]:
+    """Every (kernel, dtype, head dim, flags, config) the launchers may launch on sm_90 / sm_80: the autotune
+    configs the pruner keeps for many queries (Q_BUCKET 128) and, marked ``default``, the fixed config of the
+    deterministic mode per target capability; the Δ kernel has one config. Head dims 64, 128 and 256."""
+    variants = []
+    lists = {"fwd": (_FWD_SHAPES, _FWD_SHAPES_LARGE_D, _pruner(64, _FWD_SHAPES_LARGE_D)),
+             "dkdv": (_DKDV_SHAPES, _DKDV_SHAPES_LARGE_D, _pruner(32, _DKDV_SHAPES_LARGE_D, bias_limit=True)),
+             "dq": (_DQ_SHAPES, _DQ_SHAPES_LARGE_D, _pruner(64, _DQ_SHAPES_LARGE_D))}
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for dim in _REPORT_DIMS:
+            for flags in _REPORT_FLAGS:
+                meta = _flag_meta(dim, dtype, flags)
+                for name, (shapes, large, prune) in lists.items():
+                    fn = _JIT[name]
+                    configs = [_config(*shape, skew=name == "dkdv")
+                               for shape in dict.fromkeys(list(shapes) + list(large))]
+                    tuned = prune(configs, {}, Q_BUCKET=128, **meta)
+                    fixed = {cap: _config(*_gpu_fixed_shape(name, dtype, meta["D_PAD"], (cap // 10, cap % 10), 128),
+                                          skew=name == "dkdv") for cap in (90, 80)}
+                    entries = [(c, False, (90, 80)) for c in tuned]
+                    entries += [(c, True, (cap,)) for cap, c in fixed.items()]
+                    for config, default, targets in entries:
+                        constexprs = dict(meta, **config.kwargs)
+                        variants.append(KernelVariant(
+                            kernel=f"attention.{name}", fn=fn, signature=kernel_signature(fn, dtype, constexprs),
+                            constexprs=constexprs, num_warps=config.num_warps, num_stages=config.num_stages,
+                            dtype=_TYPE_NAMES[dtype], dim=dim, flags=flags, default=default,
+                            divisible=_divisible(fn), targets=targets))
+            constexprs = dict(HEAD_DIM=dim, D_PAD=max(16, triton.next_power_of_2(dim)), BLOCK_M=_DELTA_BLOCK)
+            variants.append(KernelVariant(
+                kernel="attention.delta", fn=_delta_kernel, signature=kernel_signature(_delta_kernel, dtype, constexprs),
+                constexprs=constexprs, num_warps=4, num_stages=3, dtype=_TYPE_NAMES[dtype], dim=dim, default=True,
+                divisible=_divisible(_delta_kernel)))
+    return variants
+
+
 # ---- backend object for vlcore.ops.attention -----------------------------------------------------------
 
 def forward(q, k, v, causal, prefix_lens, kv_lens, table, grid, start, scale):
@@ -743,4 +833,4 @@ def backward(dout, q, k, v, out, lse, causal, prefix_lens, kv_lens, table, grid,
     return attention_bwd(dout, q, k, v, out, lse, causal, prefix_lens, kv_lens, table, grid, start, scale)
 
 
-__all__ = ["attention_fwd", "attention_bwd", "forward", "backward", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["attention_fwd", "attention_bwd", "forward", "backward", "static_variants", "SUPPORTED_HEAD_DIMS"]
