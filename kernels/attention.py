@@ -26,7 +26,13 @@ t in [s, s + gh·gw) sit at (y, x) = divmod(t − s, gw); a pair gets table[(y_q
 gw − 1, h]. The kernels gather it from the (small, cache-resident) table. For dtable, a key-block program skews
 each dS tile so that its diagonals become columns (tl.gather): all pairs on one diagonal i − j = d with the same
 sign of x_q − x_k share one table entry, so a tile reduces to 2·(BLOCK_M + BLOCK_N) sums with distinct table
-rows; they are added to the program's own row of a (programs, table) fp32 buffer, summed afterwards by torch.
+rows; they are added to the program's own row of a (programs, table) fp32 buffer, summed afterwards by torch in a
+fixed order. With a table a dK/dV program handles a chunk of samples in turn, so that the buffer holds at most
+max(B, key blocks)·H rows.
+
+Grids put blocks × batch·heads on axis 0 (blocks fastest): CUDA caps axes 1 and 2 at 65 535. Every launch runs
+inside the tensors' device guard. Deterministic mode (kernels/_launch.py) launches one fixed config per (dtype,
+head dim, capability) instead of autotuning; fp32 dots use TF32 only on torch's opt-in.
 
 Few queries (attention pooling, CoCa: 1 and 256 learnable queries shared by the batch): the forward splits the
 keys over several programs when n_query <= 16 would leave the GPU idle (split-K, partial results merged by their

@@ -1,6 +1,6 @@
 """``vlcore.attention``: validation, backend dispatch, ``torch.library`` registration and autograd.
 
-Semantics: DESIGN.md §1 and :mod:`vlcore.reference.attention`. Backends implement
+Semantics: :mod:`vlcore.reference.attention` (the dense definition). Backends implement
 
     forward(q, k, v, causal, prefix_lens, kv_lens, table, grid, start, scale) -> (out, lse)
     backward(dout, q, k, v, out, lse, causal, prefix_lens, kv_lens, table, grid, start, scale)
