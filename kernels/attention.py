@@ -47,7 +47,13 @@ import os
 import torch
 import triton
 import triton.language as tl
-from vlcore.kernels._launch import KernelVariant, checked_grid, deterministic, fp32_dot_precision, launch_context
+from vlcore.kernels._launch import (
+    KernelVariant,
+    checked_grid,
+    deterministic,
+    fp32_dot_precision,
+    launch_context,
+)
 from vlcore.kernels.attention_limits import SUPPORTED_HEAD_DIMS
 
 LOG2E = 1.4426950408889634

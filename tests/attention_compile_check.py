@@ -18,6 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from vlcore.kernels import attention as ka
 
+
 def compile_spec(cap: int, dtype: torch.dtype, head_dim: int, flags: set[str], all_configs: bool) -> list[str]:
     meta = ka._flag_meta(head_dim, dtype, ",".join(flags))
     prune_args = {"Q_BUCKET": 128, "HAS_BIAS": meta["HAS_BIAS"]}

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 
+import kernel_check
 import pytest
 import torch
 import torch.nn.functional as F
-import kernel_check
 from kernel_check import compare_with_reference, track_allocations
 
 import vlcore
