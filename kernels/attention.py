@@ -26,7 +26,13 @@ t in [s, s + gh·gw) sit at (y, x) = divmod(t − s, gw); a pair gets table[(y_q
 gw − 1, h]. The kernels gather it from the (small, cache-resident) table. For dtable, a key-block program skews
 each dS tile so that its diagonals become columns (tl.gather): all pairs on one diagonal i − j = d with the same
 sign of x_q − x_k share one table entry, so a tile reduces to 2·(BLOCK_M + BLOCK_N) sums with distinct table
-rows; they are added to the program's own row of a (programs, table) fp32 buffer, summed afterwards by torch.
+rows; they are added to the program's own row of a (programs, table) fp32 buffer, summed afterwards by torch in a
+fixed order. With a table a dK/dV program handles a chunk of samples in turn, so that the buffer holds at most
+max(B, key blocks)·H rows.
+
+Grids put blocks × batch·heads on axis 0 (blocks fastest): CUDA caps axes 1 and 2 at 65 535. Every launch runs
+inside the tensors' device guard. Deterministic mode (kernels/_launch.py) launches one fixed config per (dtype,
+head dim, capability) instead of autotuning; fp32 dots use TF32 only on torch's opt-in.
 
 Few queries (attention pooling, CoCa: 1 and 256 learnable queries shared by the batch): the forward splits the
 keys over several programs when n_query <= 16 would leave the GPU idle (split-K, partial results merged by their
@@ -41,7 +47,13 @@ import os
 import torch
 import triton
 import triton.language as tl
-from vlcore.kernels._launch import checked_grid, deterministic, fp32_dot_precision, launch_context
+from vlcore.kernels._launch import (
+    KernelVariant,
+    checked_grid,
+    deterministic,
+    fp32_dot_precision,
+    launch_context,
+)
 from vlcore.kernels.attention_limits import SUPPORTED_HEAD_DIMS
 
 LOG2E = 1.4426950408889634
@@ -365,71 +377,76 @@ def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, D
                  stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                  stride_db, stride_dn, stride_dh, stride_dkb, stride_dkn, stride_dkh,
                  stride_dvb, stride_dvn, stride_dvh, stride_tr, stride_th,
-                 H, NQ, NK, qk_scale, scale, GH, GW, REL_START, TABLE_SIZE,
+                 H, NQ, NK, BATCH, CHUNK, qk_scale, scale, GH, GW, REL_START, TABLE_SIZE,
                  N_BUCKET, Q_BUCKET, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKEW_W: tl.constexpr):
+    """One program per (key block, chunk of CHUNK samples, head): dK, dV of each sample of the chunk in turn, and
+    the chunk's dtable partial sums in the program's own buffer row. Without a table CHUNK = 1; with one the
+    launcher picks CHUNK so that the buffer holds at most max(B, key blocks)·H rows (not B·H·key blocks)."""
     pid_n, pid_bh = _block_and_head(NK, BLOCK_N)
-    b = pid_bh // H
+    chunk = pid_bh // H
     h = pid_bh % H
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    k = _load2d(K + tl.cast(b, tl.int64) * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                offs_n, NK, offs_d, HEAD_DIM, D_PAD, True)
-    v = _load2d(V + tl.cast(b, tl.int64) * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                offs_n, NK, offs_d, HEAD_DIM, D_PAD, True)
-    q_base = Q + tl.cast(b, tl.int64) * stride_qb + h * stride_qh
-    do_base = DOut + tl.cast(b, tl.int64) * stride_db + h * stride_dh
-    row_base = pid_bh.to(tl.int64) * NQ
     DTab_row = DTab + (pid_bh.to(tl.int64) * tl.cdiv(NK, BLOCK_N) + pid_n) * TABLE_SIZE
     if HAS_BIAS:  # this program owns its buffer row: zero it (autotuning reruns the kernel)
         for t0 in range(0, TABLE_SIZE, BLOCK_N):
             offs_t = t0 + tl.arange(0, BLOCK_N)
             tl.store(DTab_row + offs_t, tl.zeros([BLOCK_N], tl.float32), mask=offs_t < TABLE_SIZE)
+    for b in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, BATCH)):  # fixed order: deterministic
+        b64 = tl.cast(b, tl.int64)
+        k = _load2d(K + b64 * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    offs_n, NK, offs_d, HEAD_DIM, D_PAD, True)
+        v = _load2d(V + b64 * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                    offs_n, NK, offs_d, HEAD_DIM, D_PAD, True)
+        q_base = Q + tl.cast(b, tl.int64) * stride_qb + h * stride_qh
+        do_base = DOut + tl.cast(b, tl.int64) * stride_db + h * stride_dh
+        row_base = (tl.cast(b, tl.int64) * H + h) * NQ
 
-    # Query rows that may see this key block: [lo, dense_lo) boundary, [dense_lo, full_end) dense, tail boundary.
-    kv_len, prefix = _lens(b, NK, PrefixLens, KvLens, HAS_PREFIX, HAS_KVLEN)
-    n_blocks_q = tl.cdiv(NQ, BLOCK_M) * BLOCK_M
-    lo = start_n * 0
-    dense_lo = start_n * 0
-    if CAUSAL:
-        if start_n >= prefix:
-            lo = tl.maximum(start_n - (NK - NQ), 0)
-        last_key = tl.minimum(start_n + BLOCK_N, NK) - 1
-        if last_key >= prefix:
-            dense_lo = tl.maximum(last_key - (NK - NQ), 0)
-    if start_n + BLOCK_N > kv_len:  # the block holds padding (or lies past NK): every tile needs the mask
-        dense_lo = n_blocks_q
-    if start_n >= kv_len:  # nothing visible: dK = dV = 0
-        lo = n_blocks_q
-    lo = (lo // BLOCK_M) * BLOCK_M
-    dense_lo = tl.maximum(tl.cdiv(dense_lo, BLOCK_M) * BLOCK_M, lo)
-    full_end = (NQ // BLOCK_M) * BLOCK_M
+        # Query rows that may see this key block: [lo, dense_lo) boundary, [dense_lo, full_end) dense, tail boundary.
+        kv_len, prefix = _lens(b, NK, PrefixLens, KvLens, HAS_PREFIX, HAS_KVLEN)
+        n_blocks_q = tl.cdiv(NQ, BLOCK_M) * BLOCK_M
+        lo = start_n * 0
+        dense_lo = start_n * 0
+        if CAUSAL:
+            if start_n >= prefix:
+                lo = tl.maximum(start_n - (NK - NQ), 0)
+            last_key = tl.minimum(start_n + BLOCK_N, NK) - 1
+            if last_key >= prefix:
+                dense_lo = tl.maximum(last_key - (NK - NQ), 0)
+        if start_n + BLOCK_N > kv_len:  # the block holds padding (or lies past NK): every tile needs the mask
+            dense_lo = n_blocks_q
+        if start_n >= kv_len:  # nothing visible: dK = dV = 0
+            lo = n_blocks_q
+        lo = (lo // BLOCK_M) * BLOCK_M
+        dense_lo = tl.maximum(tl.cdiv(dense_lo, BLOCK_M) * BLOCK_M, lo)
+        full_end = (NQ // BLOCK_M) * BLOCK_M
 
-    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    for start_m in range(lo, tl.minimum(dense_lo, NQ), BLOCK_M):
-        dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base, Lse, Delta,
-                            offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
-                            REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True, BLOCK_M, BLOCK_N,
-                            DOT_PRECISION, SKEW_W)
-    for start_m in range(dense_lo, full_end, BLOCK_M):
-        dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base, Lse, Delta,
-                            offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
-                            REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, False, BLOCK_M, BLOCK_N,
-                            DOT_PRECISION, SKEW_W)
-    for start_m in range(tl.maximum(dense_lo, full_end), NQ, BLOCK_M):
-        dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base, Lse, Delta,
-                            offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
-                            REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True, BLOCK_M, BLOCK_N,
-                            DOT_PRECISION, SKEW_W)
+        dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        for start_m in range(lo, tl.minimum(dense_lo, NQ), BLOCK_M):
+            dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base,
+                                Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr,
+                                stride_th, h, GH, GW, REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True,
+                                BLOCK_M, BLOCK_N, DOT_PRECISION, SKEW_W)
+        for start_m in range(dense_lo, full_end, BLOCK_M):
+            dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base,
+                                Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr,
+                                stride_th, h, GH, GW, REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, False,
+                                BLOCK_M, BLOCK_N, DOT_PRECISION, SKEW_W)
+        for start_m in range(tl.maximum(dense_lo, full_end), NQ, BLOCK_M):
+            dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base,
+                                Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr,
+                                stride_th, h, GH, GW, REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True,
+                                BLOCK_M, BLOCK_N, DOT_PRECISION, SKEW_W)
 
-    mask = (offs_n < NK)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    dk_ptrs = DK + tl.cast(b, tl.int64) * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
-    dv_ptrs = DV + tl.cast(b, tl.int64) * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+        mask = (offs_n < NK)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        dk_ptrs = DK + b64 * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+        dv_ptrs = DV + b64 * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
+        tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -532,10 +549,15 @@ _JIT = {"fwd": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}
 
 
 def _fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tuple[int, int], q_bucket: int):
-    """(BLOCK_M, BLOCK_N, warps, stages) used without autotuning, one per (kernel, dtype, head dim, capability):
-    sized to fit fp32 at the head dim in an A100's shared memory (164 KB) without spilling."""
+    """(BLOCK_M, BLOCK_N, warps, stages) used without autotuning (the interpreter: its small tiles)."""
     if _INTERPRET:
         return (*_INTERPRET_BLOCKS, 4, 1)
+    return _gpu_fixed_shape(kernel, dtype, d_pad, capability, q_bucket)
+
+
+def _gpu_fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tuple[int, int], q_bucket: int):
+    """One config per (kernel, dtype, head dim, capability), sized to fit fp32 at the head dim in an A100's
+    shared memory (164 KB)."""
     if d_pad <= 128:
         shape = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}[kernel]
     else:
@@ -615,6 +637,14 @@ def _batch_chunks(batch: int, nq: int, heads: int, device: torch.device) -> tupl
     return chunk, triton.cdiv(batch, chunk)
 
 
+def _dtable_chunks(batch: int, key_blocks: int) -> tuple[int, int]:
+    """(samples per chunk, chunks) for the dK/dV kernel with a rel-pos table: a program runs a chunk of samples
+    one after the other so that the dtable buffer has chunks·key_blocks <= max(B, key_blocks) rows per head
+    (at B 64, H 16, Nk 640 and a 24×24 grid: 9 MB instead of 181 MB per layer), with about B·H programs."""
+    chunk = triton.cdiv(batch, max(1, batch // key_blocks))
+    return chunk, triton.cdiv(batch, chunk)
+
+
 def _key_splits(batch: int, nq: int, nk: int, heads: int, device: torch.device) -> int:
     """Split-K for the forward when a few queries (attention pooling, n_query <= 16) give too few programs to
     fill the GPU: each program then reads a slice of K and V (the op is bandwidth bound)."""
@@ -670,7 +700,7 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
         return zeros(q), zeros(k), zeros(v), None if table is None else zeros(table)
     meta, plens, klens, tab, tstr, (gh, gw, s) = _common(q, k, prefix_lens, kv_lens, causal, table, grid, start)
     delta = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
-    d_blk = 64 if not _INTERPRET else 32
+    d_blk = _DELTA_BLOCK if not _INTERPRET else 32
     with launch_context("attention.delta", q):
         _delta_kernel[_grid("attention.delta", q.device, nq, d_blk, batch * heads)](
             out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, nq, HEAD_DIM=dim, D_PAD=meta["D_PAD"],
@@ -682,10 +712,12 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
     # strides: empty_like would copy a permuted layout); the kernels take any strides
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     table_size = table.shape[0] if table is not None else 0
-    # (programs, table) partial sums of dtable (each program zeroes its row); sized for the smallest BLOCK_N
+    # (programs, table) fp32 partial sums of dtable, one row per (key block, chunk of samples, head); each program
+    # zeroes its row. Sized for the smallest BLOCK_N the launch may pick.
     block_n = dkdv_config["BLOCK_N"] if dkdv_config else min(c.kwargs["BLOCK_N"] for c in dkdv_kernel.configs)
     max_key_blocks = triton.cdiv(nk, block_n)
-    dtab = torch.empty((batch * heads * max_key_blocks, table_size) if table is not None else (0,),
+    dkdv_chunk, dkdv_chunks = _dtable_chunks(batch, max_key_blocks) if table is not None else (1, batch)
+    dtab = torch.empty((dkdv_chunks * heads * max_key_blocks, table_size) if table is not None else (0,),
                        dtype=torch.float32, device=q.device)
     used_blocks = {}
 
@@ -693,12 +725,12 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
         used_blocks["n"] = triton.cdiv(nk, m["BLOCK_N"])
         return used_blocks["n"]
 
-    dkdv_grid = checked_grid("attention.dkdv", lambda m: (key_blocks(m) * batch * heads,), q.device)
+    dkdv_grid = checked_grid("attention.dkdv", lambda m: (key_blocks(m) * dkdv_chunks * heads,), q.device)
     with launch_context("attention.dkdv", q):
         dkdv_kernel[dkdv_grid](q, k, v, dout, lse, delta, dk, dv, plens, klens, tab, dtab,
                                *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
-                               *dk.stride()[:3], *dv.stride()[:3], *tstr, heads, nq, nk, scale * LOG2E, scale,
-                               gh, gw, s, table_size, **meta, **dkdv_config)
+                               *dk.stride()[:3], *dv.stride()[:3], *tstr, heads, nq, nk, batch, dkdv_chunk,
+                               scale * LOG2E, scale, gh, gw, s, table_size, **meta, **dkdv_config)
     chunk, n_chunks = (_batch_chunks(batch, nq, heads, q.device) if q.shape[0] != batch else (1, batch))
     dq_out = dq if n_chunks == q.shape[0] else torch.empty((n_chunks, *q.shape[1:]), dtype=torch.float32,
                                                              device=q.device)
@@ -712,10 +744,95 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
     dtable = None
     if table is not None:
         n_used = used_blocks["n"]
-        parts = dtab[: batch * heads * n_used].view(batch, heads, n_used, table_size)
+        parts = dtab[: dkdv_chunks * heads * n_used].view(dkdv_chunks, heads, n_used, table_size)
         # fixed-order reduction: deterministic; (H, T) summed, returned as a contiguous (T, H) like the fake
         dtable = parts.sum(dim=(0, 2)).t().to(table.dtype).contiguous()
     return dq, dk, dv, dtable
+
+
+# ---- static resource report: every config the launchers may choose ---------------------------------------
+
+_TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_IN_DTYPE_PTRS = ("Q", "K", "V", "Out", "Table", "DOut", "DK", "DV", "DQ")  # in the input dtype
+_FP32_PTRS = ("Lse", "Delta", "DTab")
+_INT_PTRS = ("PrefixLens", "KvLens")
+_FLOAT_ARGS = ("qk_scale", "scale")
+_DELTA_BLOCK = 64  # _delta_kernel's rows per program on a GPU
+
+
+def kernel_signature(fn, dtype: torch.dtype, constexprs) -> dict[str, str]:
+    """Triton signature of one of this module's kernels for inputs of ``dtype`` (as a real launch has it).
+    The split-K forward writes fp32 partial outputs; the report uses the usual ``Out`` in the input dtype."""
+    def kind(name):
+        if name in constexprs:
+            return "constexpr"
+        if name in _IN_DTYPE_PTRS:
+            return "*" + _TYPE_NAMES[dtype]
+        if name in _FP32_PTRS:
+            return "*fp32"
+        if name in _INT_PTRS:
+            return "*i32"
+        return "fp32" if name in _FLOAT_ARGS else "i32"  # sizes, strides, grid, bucket ints
+
+    return {name: kind(name) for name in fn.arg_names}
+
+
+def _divisible(fn) -> tuple[str, ...]:
+    """Arguments a real launch sees as multiples of 16: every pointer (torch allocations are 256-byte aligned)
+    and the row/batch/head strides of (B, N, H, D) tensors whose D is a multiple of 16 (the report's head dims)."""
+    strides = ("stride_qb", "stride_qn", "stride_qh", "stride_kb", "stride_kn", "stride_kh", "stride_vb",
+               "stride_vn", "stride_vh", "stride_ob", "stride_on", "stride_oh", "stride_db", "stride_dn", "stride_dh",
+               "stride_dkb", "stride_dkn", "stride_dkh", "stride_dvb", "stride_dvn", "stride_dvh", "stride_dqb",
+               "stride_dqn", "stride_dqh", "stride_os")
+    pointers = _IN_DTYPE_PTRS + _FP32_PTRS + _INT_PTRS
+    return tuple(name for name in fn.arg_names if name in pointers or name in strides)
+
+
+_REPORT_FLAGS = ("", "causal", "prefix,kvlen,bias")
+_REPORT_DIMS = (64, 128, 256)
+
+
+def _flag_meta(dim: int, dtype: torch.dtype, flags: str) -> dict:
+    on = set(filter(None, flags.split(",")))
+    return dict(HEAD_DIM=dim, D_PAD=max(16, triton.next_power_of_2(dim)), CAUSAL="causal" in on or "prefix" in on,
+                HAS_PREFIX="prefix" in on, HAS_KVLEN="kvlen" in on, HAS_BIAS="bias" in on,
+                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def static_variants() -> list[KernelVariant]:
+    """Every (kernel, dtype, head dim, flags, config) the launchers may launch on sm_90 / sm_80: the autotune
+    configs the pruner keeps for many queries (Q_BUCKET 128) and, marked ``default``, the fixed config of the
+    deterministic mode per target capability; the Δ kernel has one config. Head dims 64, 128 and 256."""
+    variants = []
+    lists = {"fwd": (_FWD_SHAPES, _FWD_SHAPES_LARGE_D, _pruner(64, _FWD_SHAPES_LARGE_D)),
+             "dkdv": (_DKDV_SHAPES, _DKDV_SHAPES_LARGE_D, _pruner(32, _DKDV_SHAPES_LARGE_D, bias_limit=True)),
+             "dq": (_DQ_SHAPES, _DQ_SHAPES_LARGE_D, _pruner(64, _DQ_SHAPES_LARGE_D))}
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for dim in _REPORT_DIMS:
+            for flags in _REPORT_FLAGS:
+                meta = _flag_meta(dim, dtype, flags)
+                for name, (shapes, large, prune) in lists.items():
+                    fn = _JIT[name]
+                    configs = [_config(*shape, skew=name == "dkdv")
+                               for shape in dict.fromkeys(list(shapes) + list(large))]
+                    tuned = prune(configs, {}, Q_BUCKET=128, **meta)
+                    fixed = {cap: _config(*_gpu_fixed_shape(name, dtype, meta["D_PAD"], (cap // 10, cap % 10), 128),
+                                          skew=name == "dkdv") for cap in (90, 80)}
+                    entries = [(c, False, (90, 80)) for c in tuned]
+                    entries += [(c, True, (cap,)) for cap, c in fixed.items()]
+                    for config, default, targets in entries:
+                        constexprs = dict(meta, **config.kwargs)
+                        variants.append(KernelVariant(
+                            kernel=f"attention.{name}", fn=fn, signature=kernel_signature(fn, dtype, constexprs),
+                            constexprs=constexprs, num_warps=config.num_warps, num_stages=config.num_stages,
+                            dtype=_TYPE_NAMES[dtype], dim=dim, flags=flags, default=default,
+                            divisible=_divisible(fn), targets=targets))
+            constexprs = dict(HEAD_DIM=dim, D_PAD=max(16, triton.next_power_of_2(dim)), BLOCK_M=_DELTA_BLOCK)
+            variants.append(KernelVariant(
+                kernel="attention.delta", fn=_delta_kernel, signature=kernel_signature(_delta_kernel, dtype, constexprs),
+                constexprs=constexprs, num_warps=4, num_stages=3, dtype=_TYPE_NAMES[dtype], dim=dim, default=True,
+                divisible=_divisible(_delta_kernel)))
+    return variants
 
 
 # ---- backend object for vlcore.ops.attention -----------------------------------------------------------
@@ -728,4 +845,4 @@ def backward(dout, q, k, v, out, lse, causal, prefix_lens, kv_lens, table, grid,
     return attention_bwd(dout, q, k, v, out, lse, causal, prefix_lens, kv_lens, table, grid, start, scale)
 
 
-__all__ = ["attention_fwd", "attention_bwd", "forward", "backward", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["attention_fwd", "attention_bwd", "forward", "backward", "static_variants", "SUPPORTED_HEAD_DIMS"]

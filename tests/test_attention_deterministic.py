@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
+from vlcore.kernels import attention as ka
 
 import vlcore
-from vlcore.kernels import attention as ka
 
 
 class _Counting:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from vlcore.kernels import _launch
 from vlcore.kernels import attention as ka
 
@@ -67,7 +66,7 @@ def test_grids_stay_within_cuda_limits(recorded_grids, shape):
     assert {name for name, _ in recorded_grids} == set(KERNELS)
     for name, g in recorded_grids:
         assert all(n <= limit for n, limit in zip(g, _launch.GRID_LIMITS)), (name, g)
-        if name != "attention.delta":  # every (b, h) pair gets its programs on axis 0
+        if name != "attention.delta" and not (name == "attention.dkdv" and grid):  # (b, h) pairs on axis 0
             assert g[0] >= batch * heads, (name, g)
 
 
@@ -90,7 +89,7 @@ def test_every_launch_runs_inside_the_device_guard(monkeypatch):
     ka.attention_bwd(torch.randn_like(out), q, k, v, out, lse, causal=True, table=table, grid=(2, 2), start=1)
     guarded = [name for kind, name, _ in events if kind == "guard"]
     assert sorted(set(guarded)) == sorted(KERNELS)
-    for i, (kind, name, device) in enumerate(events):
+    for i, (kind, name, _) in enumerate(events):
         if kind == "grid":  # the nearest guard entered before this grid is this kernel's
             last_guard = next(e for e in reversed(events[:i]) if e[0] == "guard")
             assert last_guard[1] == name and last_guard[2] == q.device, (events[:i + 1])
