@@ -28,12 +28,13 @@ fp32 (TF32 products for fp16/bf16 inputs: a 16-bit G would underflow — its ent
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from vlcore.kernels._launch import checked_grid, launch_context
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -255,9 +256,9 @@ def _bias_arg(scale: torch.Tensor, bias: torch.Tensor | None, siglip: bool) -> t
     return bias
 
 
-def _device_guard(t: torch.Tensor):
-    """Launch on the tensors' GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+def row_grid(n_rows: int, dim: int, cfg: dict, block: str = "BLOCK_M") -> tuple[int, int]:
+    """(row or column blocks on axis 0 — CUDA allows 2^31 - 1 there —, D chunks on axis 1: a few for any real D)."""
+    return triton.cdiv(n_rows, cfg[block]), triton.cdiv(dim, cfg.get("BLOCK_D", dim))
 
 
 def contrastive_fwd(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, offset: int,
@@ -270,8 +271,8 @@ def contrastive_fwd(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias:
     lse = torch.empty(0 if siglip else n_rows, dtype=torch.float32, device=x.device)
     precision, _ = _precisions(x.dtype)
     cfg, _ = _config(dim, x.dtype, precision)
-    grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]),)
-    with _device_guard(x):
+    grid = checked_grid("contrastive.fwd", row_grid(n_rows, dim, cfg)[:1], x.device)
+    with launch_context("contrastive.fwd", x):
         _fwd_kernel[grid](x, y, scale, _bias_arg(scale, bias, siglip), rows, lse if not siglip else rows, n_rows,
                           n_cols, dim, offset, x.stride(0), x.stride(1), y.stride(0), y.stride(1), SIGLIP=siglip,
                           PRECISION=precision, **cfg)
@@ -289,17 +290,18 @@ def contrastive_bwd(drow: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scale:
     dy = torch.empty((n_cols, dim), dtype=y.dtype, device=y.device)
     precision, grad_precision = _precisions(x.dtype)
     _, cfg = _config(dim, x.dtype, precision)
-    row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
-    d_blocks = triton.cdiv(dim, cfg["BLOCK_D"])
+    dx_grid = checked_grid("contrastive.bwd_dx", row_grid(n_rows, dim, cfg), x.device)
+    dy_grid = checked_grid("contrastive.bwd_dy", row_grid(n_cols, dim, cfg, "BLOCK_N"), x.device)
+    row_blocks = dx_grid[0]
     partial = torch.empty(2 * row_blocks, dtype=torch.float32, device=x.device)
     lse_arg = drow if siglip else lse
     common = dict(SIGLIP=siglip, PRECISION=precision, GRAD_PRECISION=grad_precision, **cfg)
     bias_arg = _bias_arg(scale, bias, siglip)
-    with _device_guard(x):
-        _bwd_dx_kernel[(row_blocks, d_blocks)](
+    with launch_context("contrastive.bwd", x):
+        _bwd_dx_kernel[dx_grid](
             x, y, scale, bias_arg, lse_arg, drow, dx, partial, n_rows, n_cols, dim, offset,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), dx.stride(0), row_blocks, **common)
-        _bwd_dy_kernel[(triton.cdiv(n_cols, cfg["BLOCK_N"]), d_blocks)](
+        _bwd_dy_kernel[dy_grid](
             x, y, scale, bias_arg, lse_arg, drow, dy, n_rows, n_cols, dim, offset,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), dy.stride(0), **common)
     sums = partial.view(2, row_blocks).sum(dim=1)
@@ -317,11 +319,11 @@ def infonce_pair_bwd(d_img: torch.Tensor, d_txt: torch.Tensor, img: torch.Tensor
     precision, grad_precision = _precisions(img.dtype)
     _, cfg = _config(dim, img.dtype, precision)
     cfg = {k: v for k, v in cfg.items() if k != "SIGLIP"}
-    row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
-    grid = (row_blocks, triton.cdiv(dim, cfg["BLOCK_D"]))
+    grid = checked_grid("contrastive.bwd_pair", row_grid(n, dim, cfg), img.device)
+    row_blocks = grid[0]
     partial = torch.empty(2 * row_blocks, dtype=torch.float32, device=img.device)
     grads = []
-    with _device_guard(img):
+    with launch_context("contrastive.bwd_pair", img):
         for i, (x, y, lse_r, lse_c, dr, dc) in enumerate(((img, txt, lse_img, lse_txt, d_img, d_txt),
                                                            (txt, img, lse_txt, lse_img, d_txt, d_img))):
             dx = torch.empty((n, dim), dtype=x.dtype, device=x.device)

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vlcore.kernels._launch import checked_grid, launch_context
 from vlcore.reference import vq as ref
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -175,6 +176,11 @@ def _tuned_nearest(lowp: bool):
     return triton.autotune(configs, key=["n_codes", "dim", "COSINE"])(_nearest_kernel), {}
 
 
+def nearest_grid(n: int, meta: dict) -> tuple[int]:
+    """One program per BLOCK_N rows, on axis 0 (CUDA allows 2^31 - 1 there: N up to ~10^11 rows)."""
+    return (triton.cdiv(n, meta["BLOCK_N"]),)
+
+
 def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, distance: str = "l2") -> tuple[torch.Tensor, torch.Tensor]:
     """x (N, D) fp16/bf16/fp32, codebook (K, D) -> (indices int64 [N], squared distances fp32 [N])."""
     x = x.detach()
@@ -187,10 +193,16 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, distance: str = "l2") ->
     if n == 0:
         return idx, dist
     kernel, cfg = _tuned_nearest(e.dtype != torch.float32)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
-    kernel[grid](x, e, e_sq, idx, dist, n, e.shape[0], dim, x.stride(0), e.stride(0),
-                 COSINE=distance == "cosine", NORM_EPS=ref.NORMALIZE_EPS, PRECISION=_precision(e.dtype), **cfg)
+    grid = checked_grid("vq.nearest", lambda meta: nearest_grid(n, meta), x.device)
+    with launch_context("vq.nearest", x):
+        kernel[grid](x, e, e_sq, idx, dist, n, e.shape[0], dim, x.stride(0), e.stride(0),
+                     COSINE=distance == "cosine", NORM_EPS=ref.NORMALIZE_EPS, PRECISION=_precision(e.dtype), **cfg)
     return ref.first_identical(e)[idx], dist
+
+
+def entry_grid(num_codes: int, dim: int, block_j: int, block_d: int) -> tuple[int, int]:
+    """(entry blocks on axis 0: K up to 2^31 - 1 blocks; D chunks on axis 1: at most a few for any real D)."""
+    return triton.cdiv(num_codes, block_j), triton.cdiv(dim, block_d)
 
 
 def vq_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> torch.Tensor:
@@ -203,9 +215,11 @@ def vq_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> tor
     sorted_idx, order, offsets = ref.sorted_segments(indices, num_codes)
     block_d = min(128, triton.next_power_of_2(max(dim, 16)))
     block_j, block_r = (32, 32) if _INTERPRET else (16, 64)
-    grid = (triton.cdiv(num_codes, block_j), triton.cdiv(dim, block_d))
-    _statistics_kernel[grid](x, order, sorted_idx, offsets, out, num_codes, dim, x.stride(0), out.stride(0),
-                             BLOCK_J=block_j, BLOCK_R=block_r, BLOCK_D=block_d, PRECISION=_precision(x.dtype), num_warps=4)
+    grid = checked_grid("vq.statistics", entry_grid(num_codes, dim, block_j, block_d), x.device)
+    with launch_context("vq.statistics", x):
+        _statistics_kernel[grid](x, order, sorted_idx, offsets, out, num_codes, dim, x.stride(0), out.stride(0),
+                                 BLOCK_J=block_j, BLOCK_R=block_r, BLOCK_D=block_d, PRECISION=_precision(x.dtype),
+                                 num_warps=4)
     return out
 
 
@@ -219,9 +233,10 @@ def ema_update(codebook: torch.Tensor, ema_counts: torch.Tensor, ema_sums: torch
     packed = packed.float()
     total = ref.ema_counts_step(ema_counts, packed[:, dim], gamma)
     block_k, block_d = 32, min(128, triton.next_power_of_2(max(dim, 16)))
-    grid = (triton.cdiv(k, block_k), triton.cdiv(dim, block_d))
-    _ema_kernel[grid](codebook, ema_counts, ema_sums, packed, total, k, dim, packed.stride(0), float(gamma),
-                      float(eps), BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
+    grid = checked_grid("vq.ema", entry_grid(k, dim, block_k, block_d), codebook.device)
+    with launch_context("vq.ema", codebook):
+        _ema_kernel[grid](codebook, ema_counts, ema_sums, packed, total, k, dim, packed.stride(0), float(gamma),
+                          float(eps), BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
 
 
 class TritonBackend:

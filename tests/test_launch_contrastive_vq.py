@@ -32,3 +32,164 @@ def test_cuda_entry_points_clear_a_pending_error_before_launching():
             checked.append(fn)
     assert sorted(checked) == ["contrastive_backward", "contrastive_forward", "vq_ema", "vq_nearest",
                                "vq_statistics"]
+
+
+# ---- grids within CUDA's limits at huge shapes (recorded, never launched) --------------------------------
+
+import contextlib  # noqa: E402
+import ctypes  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vlcore.kernels import _launch  # noqa: E402
+
+
+class _NoLaunch:
+    """Stands in for a @triton.jit kernel: evaluates the grid as Triton would (a callable grid gets the
+    meta-parameters), launches nothing."""
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            if callable(grid):
+                grid(meta)
+        return run
+
+
+@pytest.fixture
+def grids(monkeypatch):
+    """Every grid a launcher passes through checked_grid: (kernel name, grid)."""
+    seen = []
+    monkeypatch.setattr(_launch, "GRID_HOOKS", [lambda name, grid, device: seen.append((name, grid))])
+    return seen
+
+
+def _no_launch(monkeypatch, module, *names):
+    for name in names:
+        monkeypatch.setattr(module, name, _NoLaunch())
+
+
+def _huge(rows: int, dim: int, dtype=torch.float32) -> torch.Tensor:
+    """(rows, dim) without the memory: every row is the same (row stride 0)."""
+    return torch.zeros(1, dim, dtype=dtype).expand(rows, dim)
+
+
+@pytest.mark.parametrize("gpu_configs", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_contrastive_grids_fit_cuda_limits_at_one_million_rows(grids, monkeypatch, dtype, gpu_configs):
+    kc = pytest.importorskip("vlcore.kernels.contrastive")
+    if gpu_configs:  # the tile sizes a GPU launch would use
+        monkeypatch.setattr(kc, "_INTERPRET", False)
+    _no_launch(monkeypatch, kc, "_fwd_kernel", "_bwd_dx_kernel", "_bwd_dy_kernel", "_bwd_pair_kernel")
+    b, d = 1 << 20, 8
+    x, y = _huge(b, d, dtype), _huge(b, d, dtype)
+    scale, drow = torch.tensor(10.0), torch.ones(b)
+    lse = torch.zeros(b)
+    for kind in ("infonce", "siglip"):
+        kc.contrastive_fwd(x, y, scale, torch.tensor(-10.0), 0, kind)
+        kc.contrastive_bwd(drow, x, y, scale, torch.tensor(-10.0), lse, 0, kind)
+    kc.infonce_pair_bwd(drow, drow, x, y, scale, lse, lse)
+    names = {name for name, _ in grids}
+    assert names == {"contrastive.fwd", "contrastive.bwd_dx", "contrastive.bwd_dy", "contrastive.bwd_pair"}
+    # check_grid raised for any axis over the limit; the row blocks are on axis 0, D chunks (one here) after it
+    assert all(g[0] >= b // 64 and g[1:] in ((), (1,)) for _, g in grids), grids
+
+
+def test_vq_grids_fit_cuda_limits_at_ten_million_rows(grids, monkeypatch):
+    kv = pytest.importorskip("vlcore.kernels.vq")
+    n, k, d = 10_000_000, 16, 8
+
+    class Recorded(Exception):
+        pass
+
+    def stop(name, grid, device):
+        raise Recorded  # recorded by the fixture's hook (registered first): stop before the launch
+
+    _launch.GRID_HOOKS.append(stop)
+    cfg = dict(BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, num_warps=4)
+    monkeypatch.setattr(kv, "_tuned_nearest", lambda lowp: (_NoLaunch(), cfg))
+    with pytest.raises(Recorded):
+        kv.vq_nearest(_huge(n, d), torch.randn(k, d))
+    _launch.GRID_HOOKS.remove(stop)
+    assert grids == [("vq.nearest", (-(-n // 32),))]
+    # every config the autotuner may pick on a GPU
+    for block_n, *_ in kv._LOWP_CONFIGS + kv._FP32_CONFIGS:
+        _launch.check_grid("vq.nearest", kv.nearest_grid(n, {"BLOCK_N": block_n}))
+    # K = 2^21 entries: more entry blocks than axis 1 would allow, on axis 0
+    _no_launch(monkeypatch, kv, "_statistics_kernel", "_ema_kernel")
+    grids.clear()
+    k, d = 1 << 21, 4
+    kv.vq_statistics(torch.zeros(3, d), torch.tensor([0, 5, k - 1]), k)
+    state = [torch.zeros(k, d), torch.zeros(k), torch.zeros(k, d)]
+    kv.ema_update(*state, torch.zeros(k, d + 1), 0.99, 1e-5)
+    assert [name for name, _ in grids] == ["vq.statistics", "vq.ema"]
+    assert all(g[0] > 65_535 and g[1] == 1 for _, g in grids), grids
+
+
+# ---- the device guard around every launch ----------------------------------------------------------------
+
+@pytest.fixture
+def guards(monkeypatch):
+    """Kernel names in the order their launcher entered the device guard."""
+    seen = []
+    monkeypatch.setattr(_launch, "GUARD_HOOKS", [lambda name, device: seen.append((name, device.type))])
+    return seen
+
+
+def test_triton_launches_enter_the_device_guard(guards):
+    """Triton launches on the current device: each launcher enters its tensors' device first (a cuda:1 tensor
+    while device 0 is current would fault). Under the interpreter the guard is entered for CPU tensors too."""
+    kc = pytest.importorskip("vlcore.kernels.contrastive")
+    kv = pytest.importorskip("vlcore.kernels.vq")
+    x, y, scale, bias = torch.randn(5, 8), torch.randn(5, 8), torch.tensor(2.0), torch.tensor(-1.0)
+    rows, lse = kc.contrastive_fwd(x, y, scale, None, 0, "infonce")
+    kc.contrastive_bwd(torch.ones(5), x, y, scale, bias, torch.zeros(5), 0, "siglip")
+    kc.infonce_pair_bwd(torch.ones(5), torch.ones(5), x, y, scale, lse, lse)
+    idx, _ = kv.vq_nearest(x, torch.randn(3, 8))
+    packed = kv.vq_statistics(x, idx, 3)
+    kv.ema_update(torch.randn(3, 8), torch.ones(3), torch.randn(3, 8), packed, 0.9, 1e-5)
+    assert guards == [("contrastive.fwd", "cpu"), ("contrastive.bwd", "cpu"), ("contrastive.bwd_pair", "cpu"),
+                      ("vq.nearest", "cpu"), ("vq.statistics", "cpu"), ("vq.ema", "cpu")]
+
+
+class _FakeExtension:
+    """vlcore._C without a GPU: records each entry point called and whether the device guard was held."""
+
+    def __init__(self, inside):
+        self.calls, self._inside = [], inside
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls.append((name, self._inside[0]))
+            if name == "vq_nearest":  # indices the host maps afterwards: make them valid (0)
+                ctypes.memset(args[3], 0, args[5] * 8)
+        return call
+
+
+def test_cuda_extension_launches_enter_the_device_guard(guards, monkeypatch):
+    from vlcore import _ext, dispatch
+
+    inside = [False]
+
+    @contextlib.contextmanager
+    def guard(t):
+        inside[0] = True
+        yield
+        inside[0] = False
+
+    fake = _FakeExtension(inside)
+    monkeypatch.setattr(_launch, "device_guard", guard)
+    monkeypatch.setattr(_ext, "extension", lambda: fake)
+    monkeypatch.setattr(_ext, "stream_handle", lambda device: 0)
+    contrastive = dispatch.get("contrastive_loss", "cuda").load()
+    vq = dispatch.get("vq", "cuda").load()
+    x, y, scale = torch.randn(5, 8), torch.randn(5, 8), torch.tensor(2.0)
+    contrastive.forward(x, y, scale, None, 0, "infonce")
+    contrastive.backward(torch.ones(5), x, y, scale, None, torch.zeros(5), 0, "infonce")
+    idx, _ = vq.nearest(x, torch.randn(3, 8), "l2")
+    vq.statistics(x, idx, 3)
+    vq.ema_update(torch.randn(3, 8), torch.ones(3), torch.randn(3, 8), torch.zeros(3, 9), 0.9, 1e-5)
+    assert fake.calls == [(name, True) for name in ("contrastive_fwd", "contrastive_bwd", "vq_nearest",
+                                                     "vq_statistics", "vq_ema")]
+    assert [name for name, _ in guards] == ["contrastive.fwd[cuda]", "contrastive.bwd[cuda]", "vq.nearest[cuda]",
+                                            "vq.statistics[cuda]", "vq.ema[cuda]"]

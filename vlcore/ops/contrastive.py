@@ -21,6 +21,7 @@ import torch.distributed as dist
 from vlcore import _ext, dispatch
 from vlcore import _validate as V
 from vlcore import distributed as vdist
+from vlcore.kernels._launch import launch_context
 from vlcore.reference import contrastive as ref
 
 OP = "contrastive_loss"
@@ -86,7 +87,7 @@ class _CudaBackend:
         rows = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         lse = torch.empty(0 if siglip else x.shape[0], dtype=torch.float32, device=x.device)
         s32, b32 = _CudaBackend._scalars(scale, bias)
-        with torch.cuda.device(x.device):  # the kernels launch on the current device
+        with launch_context("contrastive.fwd[cuda]", x):  # the kernels launch on the current device
             _ext.extension().contrastive_fwd(
                 x.data_ptr(), y.data_ptr(), s32.data_ptr(), b32.data_ptr(), rows.data_ptr(),
                 (rows if siglip else lse).data_ptr(), x.shape[0], y.shape[0], x.shape[1], int(offset), x.stride(0),
@@ -102,7 +103,7 @@ class _CudaBackend:
         row_blocks = -(-x.shape[0] // _CUDA_ROW_TILE)
         partial = torch.empty(2 * row_blocks, dtype=torch.float32, device=x.device)
         s32, b32 = _CudaBackend._scalars(scale, bias)
-        with torch.cuda.device(x.device):
+        with launch_context("contrastive.bwd[cuda]", x):
             _ext.extension().contrastive_bwd(
                 drow.data_ptr(), x.data_ptr(), y.data_ptr(), s32.data_ptr(), b32.data_ptr(),
                 (drow if siglip else lse).data_ptr(), dx.data_ptr(), dy.data_ptr(), partial.data_ptr(), x.shape[0],
