@@ -22,7 +22,7 @@ kernel: G_ij = d_i·(e^{l_ij − lse_i} − δ_ij) + d'_j·(e^{l_ij − lse'_j} 
 recomputed tile, so the backward is two launches (image rows, text rows) instead of four.
 
 No float atomics: the results are bitwise deterministic. fp16/bf16 logits use the tensor cores with fp32
-accumulation; fp32 inputs use IEEE fp32 products (as torch's default matmul). The gradient matmuls take G in
+accumulation; fp32 inputs use IEEE fp32 products (as torch's default matmul; TF32 on torch's opt-in). The gradient matmuls take G in
 fp32 (TF32 products for fp16/bf16 inputs: a 16-bit G would underflow — its entries are ~1/B — and lose precision).
 """
 
@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vlcore.kernels._launch import checked_grid, launch_context
+from vlcore.kernels._launch import checked_grid, fp32_dot_precision, launch_context
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -244,8 +244,7 @@ def _precisions(dtype: torch.dtype) -> tuple[str, str]:
     """(logits, gradient) dot precisions. fp32 inputs follow torch's matmul setting: IEEE by default (as torch's
     fp32 matmul), TF32 after torch.set_float32_matmul_precision("high"/"medium") or allow_tf32 = True."""
     if dtype == torch.float32:
-        fast = torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32
-        mode = "tf32" if fast and not _INTERPRET else "ieee"
+        mode = fp32_dot_precision(_INTERPRET)
         return mode, mode
     return "ieee", "tf32"  # 16-bit logits use the tensor cores whatever the flag says
 

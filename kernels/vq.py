@@ -15,7 +15,8 @@ lowest index whatever the dot rounds per column.
 
 * l2 with fp16/bf16 x: the codebook is cast once to x's dtype (the reference's semantics), so the products are
   exact and the dot runs on the tensor cores with fp32 accumulation.
-* fp32 x, and cosine: fp32 operands with IEEE fp32 products (as torch's default matmul). For cosine the codebook
+* fp32 x, and cosine: fp32 operands with IEEE fp32 products (as torch's default matmul; TF32 when the user opted in
+  through torch's flags, as torch's matmul then does). For cosine the codebook
   is normalised once per call (as F.normalize); rows are normalised on the fly: x^.e^ = (x.e^) / max(||x||, eps).
 
 Statistics (counts and sums per entry, fp32): the rows are ordered by entry (stable sort) and one program per
@@ -38,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vlcore.kernels._launch import checked_grid, launch_context
+from vlcore.kernels._launch import checked_grid, fp32_dot_precision, launch_context
 from vlcore.reference import vq as ref
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -156,7 +157,13 @@ def _ema_kernel(codebook_ptr, ema_counts_ptr, ema_sums_ptr, packed_ptr, total_pt
 # ---- launchers -----------------------------------------------------------------------------------------
 
 def _precision(dtype: torch.dtype) -> str:
-    """IEEE fp32 products for fp32 operands (as torch's default matmul); 16-bit operands use the tensor cores."""
+    """The distance dot's precision: fp32 operands follow torch's matmul setting (IEEE by default, TF32 after
+    ``torch.set_float32_matmul_precision("high")`` or ``allow_tf32``); 16-bit operands use the tensor cores."""
+    return fp32_dot_precision(_INTERPRET) if dtype == torch.float32 else "tf32"
+
+
+def _sum_precision(dtype: torch.dtype) -> str:
+    """The statistics' one-hot dot adds features: IEEE for fp32 always (a sum, not a matmul of the user's)."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -192,11 +199,12 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, distance: str = "l2") ->
     dist = torch.empty(n, dtype=torch.float32, device=x.device)
     if n == 0:
         return idx, dist
-    kernel, cfg = _tuned_nearest(e.dtype != torch.float32)
+    precision = _precision(e.dtype)
+    kernel, cfg = _tuned_nearest(precision == "tf32")  # tensor-core tiles for 16-bit operands and TF32
     grid = checked_grid("vq.nearest", lambda meta: nearest_grid(n, meta), x.device)
     with launch_context("vq.nearest", x):
         kernel[grid](x, e, e_sq, idx, dist, n, e.shape[0], dim, x.stride(0), e.stride(0),
-                     COSINE=distance == "cosine", NORM_EPS=ref.NORMALIZE_EPS, PRECISION=_precision(e.dtype), **cfg)
+                     COSINE=distance == "cosine", NORM_EPS=ref.NORMALIZE_EPS, PRECISION=precision, **cfg)
     return ref.first_identical(e)[idx], dist
 
 
@@ -218,7 +226,7 @@ def vq_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> tor
     grid = checked_grid("vq.statistics", entry_grid(num_codes, dim, block_j, block_d), x.device)
     with launch_context("vq.statistics", x):
         _statistics_kernel[grid](x, order, sorted_idx, offsets, out, num_codes, dim, x.stride(0), out.stride(0),
-                                 BLOCK_J=block_j, BLOCK_R=block_r, BLOCK_D=block_d, PRECISION=_precision(x.dtype),
+                                 BLOCK_J=block_j, BLOCK_R=block_r, BLOCK_D=block_d, PRECISION=_sum_precision(x.dtype),
                                  num_warps=4)
     return out
 

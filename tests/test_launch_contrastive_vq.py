@@ -193,3 +193,30 @@ def test_cuda_extension_launches_enter_the_device_guard(guards, monkeypatch):
                                                      "vq_statistics", "vq_ema")]
     assert [name for name, _ in guards] == ["contrastive.fwd[cuda]", "contrastive.bwd[cuda]", "vq.nearest[cuda]",
                                             "vq.statistics[cuda]", "vq.ema[cuda]"]
+
+
+# ---- TF32: fp32 dots follow torch's opt-in, through one shared helper ------------------------------------
+
+@pytest.mark.parametrize("opt_in", ["allow_tf32", "high", None])
+def test_fp32_dots_follow_torchs_tf32_opt_in(monkeypatch, opt_in):
+    """As torch's fp32 matmul: IEEE products by default, TF32 after allow_tf32 / set_float32_matmul_precision
+    ("high"). The VQ statistics stay IEEE (a sum of features, not a matmul)."""
+    kc = pytest.importorskip("vlcore.kernels.contrastive")
+    kv = pytest.importorskip("vlcore.kernels.vq")
+    for module in (kc, kv):
+        monkeypatch.setattr(module, "_INTERPRET", False)  # the GPU path (the interpreter has no TF32)
+    matmul = torch.backends.cuda.matmul  # a module proxy: monkeypatch cannot set its flags
+    before, before_tf32 = torch.get_float32_matmul_precision(), matmul.allow_tf32
+    if opt_in == "high":
+        torch.set_float32_matmul_precision("high")
+    elif opt_in == "allow_tf32":
+        matmul.allow_tf32 = True
+    try:
+        want = "ieee" if opt_in is None else "tf32"
+        assert kv._precision(torch.float32) == want
+        assert kc._precisions(torch.float32) == (want, want)
+        assert kv._sum_precision(torch.float32) == "ieee"
+        assert kv._precision(torch.float16) == "tf32" and kc._precisions(torch.bfloat16) == ("ieee", "tf32")
+    finally:
+        torch.set_float32_matmul_precision(before)
+        matmul.allow_tf32 = before_tf32
