@@ -21,7 +21,9 @@ Single-process InfoNCE (no ranks: the text→image logits are the transpose of t
 kernel: G_ij = d_i·(e^{l_ij − lse_i} − δ_ij) + d'_j·(e^{l_ij − lse'_j} − δ_ij) serves both directions from one
 recomputed tile, so the backward is two launches (image rows, text rows) instead of four.
 
-No float atomics: the results are bitwise deterministic. fp16/bf16 logits use the tensor cores with fp32
+No float atomics and no autotuning: every launch uses the fixed config of :func:`_config` (a function of dtype,
+D and the dot precision only), so the results are bitwise reproducible across processes and runs on the same GPU
+model and software — the deterministic mode (:func:`vlcore.kernels._launch.deterministic`) changes nothing here. fp16/bf16 logits use the tensor cores with fp32
 accumulation; fp32 inputs use IEEE fp32 products (as torch's default matmul; TF32 on torch's opt-in). The gradient matmuls take G in
 fp32 (TF32 products for fp16/bf16 inputs: a 16-bit G would underflow — its entries are ~1/B — and lose precision).
 """

@@ -28,6 +28,10 @@ holding the largest entry.)
 Momentum update (SOHO): n <- g n + (1-g) counts; m <- g m + (1-g) sums; n~ = (n + eps)/(sum n + K eps) sum n;
 e = m / n~ (left unchanged where n~ = 0). The K counts and their sum go through torch (K values); one kernel
 then updates sums and codebook over K x D reading the total from device memory (no host sync).
+
+Determinism: statistics and the momentum step use fixed configs (bitwise reproducible anywhere on the same GPU
+model and software). The nearest search is autotuned, except in deterministic mode
+(:func:`vlcore.kernels._launch.deterministic`), where it uses :func:`default_nearest_config`.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vlcore.kernels._launch import checked_grid, fp32_dot_precision, launch_context
+from vlcore.kernels._launch import checked_grid, deterministic, fp32_dot_precision, launch_context
 from vlcore.reference import vq as ref
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -169,18 +173,44 @@ def _sum_precision(dtype: torch.dtype) -> str:
 
 # Autotuned on GPU (tile shapes differ for tensor-core and IEEE fp32 dots); under the interpreter one fixed
 # config of few, large numpy ops (the interpreter's cost is per operation; a single config is never benchmarked).
+# (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages)
 _LOWP_CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 4),
                  (64, 64, 64, 4, 4)]
 _FP32_CONFIGS = [(64, 64, 32, 4, 3), (32, 64, 32, 4, 2), (64, 32, 32, 4, 3), (64, 64, 16, 4, 4)]
+_INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, num_warps=4)
+
+
+def _as_config(bn: int, bk: int, bd: int, warps: int, stages: int) -> dict:
+    return dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+
+
+def default_nearest_config(tensor_cores: bool, dim: int, capability: tuple[int, int]) -> dict:
+    """The deterministic mode's config: one per (operand kind, D, device capability), never timed — the block
+    sizes fix the summation order of every distance, hence which of two near-equal entries wins. The same tiles
+    serve sm_80 and sm_90 today; BLOCK_D shrinks for small D (no wasted masked lanes)."""
+    del capability  # keyed by it so that a per-architecture choice stays fixed; none is needed yet
+    bn, bk, bd, warps, stages = _LOWP_CONFIGS[4] if tensor_cores else _FP32_CONFIGS[2]
+    return _as_config(bn, bk, min(bd, triton.next_power_of_2(max(dim, 16))), warps, stages)
 
 
 @functools.cache
-def _tuned_nearest(lowp: bool):
-    if _INTERPRET:
-        return _nearest_kernel, dict(BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, num_warps=4)
+def _autotuned_nearest(tensor_cores: bool):
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=st)
-               for bn, bk, bd, w, st in (_LOWP_CONFIGS if lowp else _FP32_CONFIGS)]
-    return triton.autotune(configs, key=["n_codes", "dim", "COSINE"])(_nearest_kernel), {}
+               for bn, bk, bd, w, st in (_LOWP_CONFIGS if tensor_cores else _FP32_CONFIGS)]
+    return triton.autotune(configs, key=["n_codes", "dim", "COSINE"])(_nearest_kernel)
+
+
+def _capability(t: torch.Tensor) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else (0, 0)
+
+
+def _tuned_nearest(tensor_cores: bool, dim: int, device_tensor: torch.Tensor):
+    """(kernel, launch config): fixed under the interpreter and in deterministic mode, else autotuned."""
+    if _INTERPRET:
+        return _nearest_kernel, _INTERPRETER_CONFIG
+    if deterministic():
+        return _nearest_kernel, default_nearest_config(tensor_cores, dim, _capability(device_tensor))
+    return _autotuned_nearest(tensor_cores), {}
 
 
 def nearest_grid(n: int, meta: dict) -> tuple[int]:
@@ -200,7 +230,7 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, distance: str = "l2") ->
     if n == 0:
         return idx, dist
     precision = _precision(e.dtype)
-    kernel, cfg = _tuned_nearest(precision == "tf32")  # tensor-core tiles for 16-bit operands and TF32
+    kernel, cfg = _tuned_nearest(precision == "tf32", dim, x)  # tensor-core tiles for 16-bit operands and TF32
     grid = checked_grid("vq.nearest", lambda meta: nearest_grid(n, meta), x.device)
     with launch_context("vq.nearest", x):
         kernel[grid](x, e, e_sq, idx, dist, n, e.shape[0], dim, x.stride(0), e.stride(0),

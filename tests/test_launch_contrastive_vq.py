@@ -107,7 +107,7 @@ def test_vq_grids_fit_cuda_limits_at_ten_million_rows(grids, monkeypatch):
 
     _launch.GRID_HOOKS.append(stop)
     cfg = dict(BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, num_warps=4)
-    monkeypatch.setattr(kv, "_tuned_nearest", lambda lowp: (_NoLaunch(), cfg))
+    monkeypatch.setattr(kv, "_tuned_nearest", lambda *args: (_NoLaunch(), cfg))
     with pytest.raises(Recorded):
         kv.vq_nearest(_huge(n, d), torch.randn(k, d))
     _launch.GRID_HOOKS.remove(stop)
@@ -220,3 +220,65 @@ def test_fp32_dots_follow_torchs_tf32_opt_in(monkeypatch, opt_in):
     finally:
         torch.set_float32_matmul_precision(before)
         matmul.allow_tf32 = before_tf32
+
+
+# ---- deterministic mode ----------------------------------------------------------------------------------
+
+def test_deterministic_mode_fixes_the_vq_config_without_autotuning(monkeypatch):
+    """Autotuning picks block sizes by timing, and BLOCK_D changes the summation order of every distance (which of
+    two near-equal entries wins): in deterministic mode the nearest search uses one fixed config per
+    (operand kind, D, capability). The contrastive kernels are never autotuned."""
+    kv = pytest.importorskip("vlcore.kernels.vq")
+    kc = pytest.importorskip("vlcore.kernels.contrastive")
+    from triton.runtime.autotuner import Autotuner
+
+    monkeypatch.setattr(kv, "_INTERPRET", False)  # the GPU path
+    x = torch.zeros(2, 768)
+    monkeypatch.setenv("VLCORE_DETERMINISTIC", "0")
+    assert isinstance(kv._tuned_nearest(True, 768, x)[0], Autotuner)
+    monkeypatch.setenv("VLCORE_DETERMINISTIC", "1")
+    for tensor_cores in (True, False):
+        kernel, cfg = kv._tuned_nearest(tensor_cores, 768, x)
+        assert kernel is kv._nearest_kernel and not isinstance(kernel, Autotuner)
+        assert cfg == kv.default_nearest_config(tensor_cores, 768, (0, 0))
+        assert {"BLOCK_N", "BLOCK_K", "BLOCK_D", "num_warps", "num_stages"} <= cfg.keys()
+    assert kv._tuned_nearest(True, 8, x)[1]["BLOCK_D"] == 16  # small D: small chunks, still fixed
+    assert not any(isinstance(v, Autotuner) for v in vars(kc).values())
+
+
+_REPRO = r"""
+import hashlib, os, sys
+import torch, vlcore
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+g = torch.Generator().manual_seed(7)
+x = torch.randn(40, 24, generator=g).to(dev)
+cb = torch.randn(30, 24, generator=g).to(dev)
+img = torch.randn(20, 24, generator=g).to(dev).requires_grad_()
+txt = torch.randn(20, 24, generator=g).to(dev).requires_grad_()
+scale = torch.tensor(12.0, device=dev, requires_grad=True)
+h = hashlib.sha256()
+for dtype in (torch.float32, torch.float16):
+    idx, dist = vlcore.vq_nearest(x.to(dtype), cb, backend="triton")
+    counts, sums = vlcore.vq_statistics(x.to(dtype), idx, 30, backend="triton")
+    loss = vlcore.contrastive_loss(img.to(dtype), txt.to(dtype), scale, backend="triton")
+    loss.backward()
+    for t in (idx, dist, counts, sums, loss, img.grad, txt.grad, scale.grad):
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_results_are_bitwise_equal_across_fresh_processes():
+    """Two fresh processes in deterministic mode (fresh autotuning state on a GPU) give the same bits."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, VLCORE_DETERMINISTIC="1")
+    runs = [subprocess.run([sys.executable, "-c", _REPRO], env=env, capture_output=True, text=True, timeout=600)
+            for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    digests = [run.stdout.split()[-1] for run in runs]
+    assert len(digests[0]) == 64 and digests[0] == digests[1]
