@@ -35,8 +35,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-from vlcore.kernels._launch import checked_grid, fp32_dot_precision, launch_context
+from vlcore.kernels._launch import KernelVariant, checked_grid, fp32_dot_precision, launch_context
+from vlcore.kernels._variants import make_variant
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -219,13 +219,13 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(triton.next_power_of_2(max(n, 1)), hi))
 
 
-def _config(dim: int, dtype: torch.dtype, precision: str) -> tuple[dict, dict]:
+def _config(dim: int, dtype: torch.dtype, precision: str, interpret: bool | None = None) -> tuple[dict, dict]:
     """(forward, backward) tile sizes and launch options. The gradient accumulator holds BLOCK_D columns of D;
     larger D is split over programs that recompute the logits. GPU sizes were chosen from ptxas reports
     (sm_80 and sm_90, triton 3.9: no or negligible register spills); IEEE fp32 dots run on FMA units and need
     small tiles. Under the interpreter the cost is per program and op: large tiles, and BLOCK_D = 128 so that
     the tests cover the D split."""
-    if _INTERPRET:
+    if _INTERPRET if interpret is None else interpret:
         tiles = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": _pow2(dim, 16, 64)}
         return dict(tiles, num_warps=4, num_stages=1), dict(tiles, BLOCK_D=_pow2(dim, 16, 128), num_warps=4,
                                                              num_stages=1)
@@ -334,3 +334,50 @@ def infonce_pair_bwd(d_img: torch.Tensor, d_txt: torch.Tensor, img: torch.Tensor
             grads.append(dx)
     # each launch sums dscale over the whole (B, B) tile grid; they differ only by rounding: keep the first
     return grads[0], grads[1], partial[:row_blocks].sum()
+
+
+# ---- every GPU config, for the static resource report (benchmarks/kernel_resources.py) -----------------------
+
+_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_SIZES = ("n_rows", "n_cols", "dim", "offset", "sx0", "sx1", "sy0", "sy1")
+# what a real launch sees as multiples of 16: the tensors' pointers, D and the row strides (for D % 16 == 0);
+# not the batch sizes, the offset nor the unit column strides
+_ALIGNED = ("x_ptr", "y_ptr", "dx_ptr", "dy_ptr", "lse_ptr", "lse_row_ptr", "lse_col_ptr", "drow_ptr", "dcol_ptr",
+              "rows_out_ptr", "lse_out_ptr", "dim", "sx0", "sy0", "sdx0", "sdy0")
+
+
+def static_variants(dims=(256, 512, 768, 1024)) -> list[KernelVariant]:
+    """Every (kernel, dtype, D, flags) config a GPU launch uses — there is no autotuning, so each is also the
+    deterministic default — with the signature a real launch has."""
+    variants = []
+    for dtype, precisions in ((torch.bfloat16, ("ieee",)), (torch.float16, ("ieee",)),
+                              (torch.float32, ("ieee", "tf32"))):
+        ptr = "*" + _TYPES[dtype]
+        for precision in precisions:
+            grad_precision = "tf32" if dtype != torch.float32 else precision
+            for dim in dims:
+                fwd_cfg, bwd_cfg = _config(dim, dtype, precision, interpret=False)
+                for kind in ("infonce", "siglip"):
+                    flags = kind + (",tf32" if dtype == torch.float32 and precision == "tf32" else "")
+                    common = {"x_ptr": ptr, "y_ptr": ptr, "scale_ptr": "*fp32", "bias_ptr": "*fp32"}
+                    sizes = {n: "i32" for n in _SIZES}
+                    kernels = [
+                        ("contrastive.fwd", _fwd_kernel, fwd_cfg,
+                         {**common, "rows_out_ptr": "*fp32", "lse_out_ptr": "*fp32", **sizes}),
+                        ("contrastive.bwd_dx", _bwd_dx_kernel, bwd_cfg,
+                         {**common, "lse_ptr": "*fp32", "drow_ptr": "*fp32", "dx_ptr": ptr, "partial_ptr": "*fp32",
+                          **sizes, "sdx0": "i32", "n_row_blocks": "i32"}),
+                        ("contrastive.bwd_dy", _bwd_dy_kernel, bwd_cfg,
+                         {**common, "lse_ptr": "*fp32", "drow_ptr": "*fp32", "dy_ptr": ptr, **sizes, "sdy0": "i32"}),
+                    ]
+                    consts = {"SIGLIP": kind == "siglip", "PRECISION": precision, "GRAD_PRECISION": grad_precision}
+                    if kind == "infonce":
+                        kernels.append(("contrastive.bwd_pair", _bwd_pair_kernel, bwd_cfg,
+                                        {"x_ptr": ptr, "y_ptr": ptr, "scale_ptr": "*fp32", "lse_row_ptr": "*fp32",
+                                         "lse_col_ptr": "*fp32", "drow_ptr": "*fp32", "dcol_ptr": "*fp32",
+                                         "dx_ptr": ptr, "partial_ptr": "*fp32", "n": "i32", "dim": "i32",
+                                         "sx0": "i32", "sx1": "i32", "sy0": "i32", "sy1": "i32", "sdx0": "i32"}))
+                    for name, fn, cfg, signature in kernels:
+                        variants.append(make_variant(name, fn, cfg, signature, consts, dtype=_TYPES[dtype], dim=dim,
+                                                     flags=flags, default=True, aligned=_ALIGNED))
+    return variants

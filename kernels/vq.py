@@ -42,8 +42,15 @@ import os
 import torch
 import triton
 import triton.language as tl
+from vlcore.kernels._launch import (
+    KernelVariant,
+    checked_grid,
+    deterministic,
+    fp32_dot_precision,
+    launch_context,
+)
+from vlcore.kernels._variants import make_variant
 
-from vlcore.kernels._launch import checked_grid, deterministic, fp32_dot_precision, launch_context
 from vlcore.reference import vq as ref
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -283,3 +290,52 @@ class TritonBackend:
     nearest = staticmethod(vq_nearest)
     statistics = staticmethod(vq_statistics)
     ema_update = staticmethod(ema_update)
+
+
+# ---- every GPU config, for the static resource report (benchmarks/kernel_resources.py) -----------------------
+
+_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# multiples of 16 in a real launch: the pointers, D and the row strides of x and the codebook (for D % 16 == 0);
+# not the packed statistics' row stride (D + 1)
+_ALIGNED = ("x_ptr", "e_ptr", "e_sq_ptr", "idx_ptr", "dist_ptr", "order_ptr", "sorted_idx_ptr", "offsets_ptr",
+            "out_ptr", "codebook_ptr", "ema_counts_ptr", "ema_sums_ptr", "packed_ptr", "dim", "sx", "se")
+
+
+def static_variants(dims=(256, 512, 768)) -> list[KernelVariant]:
+    """Every config a GPU launch may use — the nearest search's autotune lists and its deterministic default
+    (``default=True``), the fixed statistics and momentum-step configs — with the signature a real launch has."""
+    variants = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x_type = "*" + _TYPES[dtype]
+        for dim in dims:
+            for distance in ("l2", "cosine"):
+                # the codebook operand: x's 16-bit dtype for l2, fp32 (normalised) for cosine and fp32 x
+                e_type = x_type if distance == "l2" and dtype != torch.float32 else "*fp32"
+                for precision in (("ieee", "tf32") if e_type == "*fp32" else ("tf32",)):
+                    tensor_cores = precision == "tf32"
+                    signature = {"x_ptr": x_type, "e_ptr": e_type, "e_sq_ptr": "*fp32", "idx_ptr": "*i64",
+                                 "dist_ptr": "*fp32", "n_rows": "i32", "n_codes": "i32", "dim": "i32", "sx": "i32",
+                                 "se": "i32"}
+                    consts = {"COSINE": distance == "cosine", "NORM_EPS": ref.NORMALIZE_EPS, "PRECISION": precision}
+                    flags = distance + (",tf32" if e_type == "*fp32" and tensor_cores else "")
+                    default = default_nearest_config(tensor_cores, dim, (9, 0))
+                    tuned = [_as_config(*c) for c in (_LOWP_CONFIGS if tensor_cores else _FP32_CONFIGS)]
+                    for cfg in [default] + [c for c in tuned if c != default]:
+                        variants.append(make_variant("vq.nearest", _nearest_kernel, cfg, signature, consts,
+                                                     dtype=_TYPES[dtype], dim=dim, flags=flags,
+                                                     default=cfg is default, aligned=_ALIGNED))
+            block_d = min(128, triton.next_power_of_2(max(dim, 16)))
+            variants.append(make_variant(
+                "vq.statistics", _statistics_kernel, dict(BLOCK_J=16, BLOCK_R=64, BLOCK_D=block_d, num_warps=4),
+                {"x_ptr": x_type, "order_ptr": "*i64", "sorted_idx_ptr": "*i64", "offsets_ptr": "*i64",
+                 "out_ptr": "*fp32", "n_codes": "i32", "dim": "i32", "sx": "i32", "so": "i32"},
+                {"PRECISION": _sum_precision(dtype)}, dtype=_TYPES[dtype], dim=dim, flags="", default=True,
+                aligned=_ALIGNED))
+            if dtype == torch.float32:  # the dictionary's state is fp32 whatever the features' dtype
+                variants.append(make_variant(
+                    "vq.ema", _ema_kernel, dict(BLOCK_K=32, BLOCK_D=block_d, num_warps=4),
+                    {"codebook_ptr": "*fp32", "ema_counts_ptr": "*fp32", "ema_sums_ptr": "*fp32",
+                     "packed_ptr": "*fp32", "total_ptr": "*fp32", "n_codes": "i32", "dim": "i32", "sp": "i32",
+                     "gamma": "fp32", "eps": "fp32"}, {}, dtype="fp32", dim=dim, flags="", default=True,
+                    aligned=_ALIGNED))
+    return variants

@@ -2,8 +2,14 @@
 the device guard around every launch (Triton and the CUDA extension), the CUDA sources clearing a pending error
 before launching, the deterministic mode, the TF32 opt-in, and the static variants for the resource report."""
 
+import contextlib
+import ctypes
 import re
 from pathlib import Path
+
+import pytest
+import torch
+from vlcore.kernels import _launch
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -35,15 +41,6 @@ def test_cuda_entry_points_clear_a_pending_error_before_launching():
 
 
 # ---- grids within CUDA's limits at huge shapes (recorded, never launched) --------------------------------
-
-import contextlib  # noqa: E402
-import ctypes  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from vlcore.kernels import _launch  # noqa: E402
-
 
 class _NoLaunch:
     """Stands in for a @triton.jit kernel: evaluates the grid as Triton would (a callable grid gets the
@@ -282,3 +279,68 @@ def test_results_are_bitwise_equal_across_fresh_processes():
         assert run.returncode == 0, run.stderr[-3000:]
     digests = [run.stdout.split()[-1] for run in runs]
     assert len(digests[0]) == 64 and digests[0] == digests[1]
+
+
+# ---- static variants for the resource report ---------------------------------------------------------------
+
+@pytest.mark.parametrize("module_name", ["contrastive", "vq"])
+def test_static_variants_list_every_launch_config(module_name):
+    mod = pytest.importorskip(f"vlcore.kernels.{module_name}")
+    variants = mod.static_variants()
+    assert {v.dtype for v in variants} == {"bf16", "fp16", "fp32"}
+    assert {256, 512, 768} <= {v.dim for v in variants}
+    for v in variants:
+        assert list(v.signature) == v.fn.arg_names, v.kernel
+        assert {a for a, t in v.signature.items() if t == "constexpr"} == set(v.constexprs), v.kernel
+        assert set(v.divisible) <= set(v.signature) and any(a.endswith("_ptr") for a in v.divisible), v.kernel
+    keys = [(v.kernel, v.dtype, v.dim, v.flags) for v in variants if v.default]
+    assert len(keys) == len(set(keys)), "one deterministic default per (kernel, dtype, D, flags)"
+    assert len(set(keys)) == len({(v.kernel, v.dtype, v.dim, v.flags) for v in variants}), "a case without default"
+
+
+def test_static_variants_hold_the_configs_the_launchers_choose():
+    kc = pytest.importorskip("vlcore.kernels.contrastive")
+    kv = pytest.importorskip("vlcore.kernels.vq")
+    import torch as t
+
+    for v in kc.static_variants():
+        dtype = {"bf16": t.bfloat16, "fp16": t.float16, "fp32": t.float32}[v.dtype]
+        fwd, bwd = kc._config(v.dim, dtype, v.constexprs["PRECISION"], interpret=False)
+        cfg = fwd if v.kernel == "contrastive.fwd" else bwd
+        assert {k: cfg[k] for k in cfg if k.startswith("BLOCK")} == {k: x for k, x in v.constexprs.items()
+                                                                     if k.startswith("BLOCK")}
+        assert (v.num_warps, v.num_stages) == (cfg["num_warps"], cfg["num_stages"])
+    nearest = [v for v in kv.static_variants() if v.kernel == "vq.nearest"]
+    for tensor_cores, configs in ((True, kv._LOWP_CONFIGS), (False, kv._FP32_CONFIGS)):
+        for dim in (256, 768):
+            chosen = [v for v in nearest if v.dim == dim and v.dtype == ("bf16" if tensor_cores else "fp32")
+                      and v.flags == "l2"]
+            listed = {(v.constexprs["BLOCK_N"], v.constexprs["BLOCK_K"], v.constexprs["BLOCK_D"], v.num_warps,
+                       v.num_stages) for v in chosen}
+            assert set(configs) <= listed
+            default = [v for v in chosen if v.default]
+            want = kv.default_nearest_config(tensor_cores, dim, (9, 0))
+            assert len(default) == 1 and default[0].constexprs["BLOCK_D"] == want["BLOCK_D"]
+            assert (default[0].num_warps, default[0].num_stages) == (want["num_warps"], want["num_stages"])
+
+
+def test_default_variants_compile_for_sm90_without_spills():
+    """triton.compile for sm_90 (no GPU needed) with a real launch's divisibility hints; cuobjdump's STACK is 0."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    specs = ["vq:vq.nearest:bf16:768:l2", "vq:vq.nearest:fp32:512:cosine",
+             "contrastive:contrastive.bwd_dx:bf16:768:infonce"]
+    script = os.path.join(os.path.dirname(__file__), "variant_compile_check.py")
+    proc = subprocess.run([sys.executable, script, "90", *specs], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("compiled")]
+    assert len(lines) == len(specs), proc.stdout
+    for line in lines:
+        if "no cuobjdump" not in line:
+            assert "STACK:0 " in line, line
