@@ -1,6 +1,6 @@
 """``vlcore.contrastive_loss``: validation, distribution over ranks, backend dispatch, ``torch.library`` + autograd.
 
-Semantics: DESIGN.md §3 and :mod:`vlcore.reference.contrastive`. The loss is assembled from one op over
+Semantics: :mod:`vlcore.reference.contrastive`. The loss is assembled from one op over
 *local rows × gathered columns* (see the reference's docstring); backends implement
 
     forward(x, y, scale, bias, offset, kind) -> (rows (b,) fp32/fp64, lse ((b,) for infonce, (0,) for siglip))
@@ -72,7 +72,10 @@ dispatch.register(dispatch.Backend(
 
 
 class _CudaBackend:
-    """csrc/contrastive.cu through vlcore._C: raw pointers, strides, dtype code and the current stream."""
+    """csrc/contrastive.cu through vlcore._C: raw pointers, strides, dtype code and the current stream.
+
+    A portable fallback for machines where Triton is unavailable, not the fast path: 32 x 32 shared-memory tiles
+    with fp32 FMAs (no tensor cores), not benchmarked on a GPU yet; ranked below triton."""
 
     @staticmethod
     def _scalars(scale, bias):
@@ -120,7 +123,7 @@ _CUDA_ROW_TILE = 32  # kTile in csrc/contrastive.cu
 dispatch.register(dispatch.Backend(
     op=OP, name=dispatch.CUDA, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
     priority=10, load=_CudaBackend, requires=lambda: dispatch.cuda_ext_missing("contrastive_fwd"),
-    description="CUDA (csrc/contrastive.cu): 32x32 shared-memory tiles, fp32 math, no b x B buffer",
+    description="csrc/contrastive.cu, portable fallback: 32x32 shared-memory tiles, fp32 FMA math, no b x B buffer",
 ))
 
 

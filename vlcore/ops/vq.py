@@ -1,6 +1,6 @@
 """``vlcore.vq_nearest`` and ``vlcore.vq_statistics``: validation, dispatch, ``torch.library`` registration.
 
-Semantics: DESIGN.md §4 and :mod:`vlcore.reference.vq`. Backends (op family ``vq``) implement
+Semantics: :mod:`vlcore.reference.vq`. Backends (op family ``vq``) implement
 
     nearest(x (N, D), codebook (K, D), distance) -> (indices int64 [N], squared distances fp32 [N])
     statistics(x (N, D), indices [N], num_codes) -> packed fp32 (K, D + 1): [:, :D] sums, [:, D] counts
@@ -56,7 +56,10 @@ dispatch.register(dispatch.Backend(
 
 
 class _CudaBackend:
-    """csrc/vq.cu through vlcore._C: raw pointers, strides, dtype codes and the current stream."""
+    """csrc/vq.cu through vlcore._C: raw pointers, strides, dtype codes and the current stream.
+
+    A portable fallback for machines where Triton is unavailable, not the fast path: fixed 64 x 64 tiles (WMMA
+    for 16-bit l2, fp32 FMAs otherwise), no autotuning, not benchmarked on a GPU yet; ranked below triton."""
 
     @staticmethod
     def nearest(x, codebook, distance):
@@ -117,7 +120,7 @@ dispatch.register(dispatch.Backend(
 dispatch.register(dispatch.Backend(
     op=OP, name=dispatch.CUDA, devices=("cuda",), dtypes=_LOWP, priority=10, load=_CudaBackend,
     requires=lambda: dispatch.cuda_ext_missing("vq_nearest"),
-    description="csrc/vq.cu: WMMA (16-bit l2) or fp32-FMA tiles, warp-level argmin, sorted deterministic statistics",
+    description="csrc/vq.cu, portable fallback: WMMA (16-bit l2) or fp32-FMA tiles, sorted deterministic statistics",
 ))
 
 
