@@ -1,4 +1,5 @@
 // Visual dictionary (SOHO): CUDA nearest-entry search, deterministic per-entry statistics, momentum update.
+// A portable fallback for machines without Triton (fixed tiles, no autotuning), not the fast path.
 //
 // Same semantics as kernels/vq.py and vlcore/reference/vq.py; the host (vlcore/ops/vq.py) prepares the codebook
 // operand once per call (cast to x's dtype for l2 with fp16/bf16 x, fp32 and normalised for cosine) and ||e||^2.

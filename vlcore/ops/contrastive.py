@@ -22,6 +22,7 @@ from vlcore import _ext, dispatch
 from vlcore import _validate as V
 from vlcore import distributed as vdist
 from vlcore.cpu import contrastive as cpu_contrastive
+from vlcore.kernels._launch import launch_context
 from vlcore.reference import contrastive as ref
 
 OP = "contrastive_loss"
@@ -79,7 +80,10 @@ dispatch.register(dispatch.Backend(
 
 
 class _CudaBackend:
-    """csrc/contrastive.cu through vlcore._C: raw pointers, strides, dtype code and the current stream."""
+    """csrc/contrastive.cu through vlcore._C: raw pointers, strides, dtype code and the current stream.
+
+    A portable fallback for machines where Triton is unavailable, not the fast path: 32 x 32 shared-memory tiles
+    with fp32 FMAs (no tensor cores), not benchmarked on a GPU yet; ranked below triton."""
 
     @staticmethod
     def _scalars(scale, bias):
@@ -94,7 +98,7 @@ class _CudaBackend:
         rows = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         lse = torch.empty(0 if siglip else x.shape[0], dtype=torch.float32, device=x.device)
         s32, b32 = _CudaBackend._scalars(scale, bias)
-        with torch.cuda.device(x.device):  # the kernels launch on the current device
+        with launch_context("contrastive.fwd[cuda]", x):  # the kernels launch on the current device
             _ext.extension().contrastive_fwd(
                 x.data_ptr(), y.data_ptr(), s32.data_ptr(), b32.data_ptr(), rows.data_ptr(),
                 (rows if siglip else lse).data_ptr(), x.shape[0], y.shape[0], x.shape[1], int(offset), x.stride(0),
@@ -110,7 +114,7 @@ class _CudaBackend:
         row_blocks = -(-x.shape[0] // _CUDA_ROW_TILE)
         partial = torch.empty(2 * row_blocks, dtype=torch.float32, device=x.device)
         s32, b32 = _CudaBackend._scalars(scale, bias)
-        with torch.cuda.device(x.device):
+        with launch_context("contrastive.bwd[cuda]", x):
             _ext.extension().contrastive_bwd(
                 drow.data_ptr(), x.data_ptr(), y.data_ptr(), s32.data_ptr(), b32.data_ptr(),
                 (drow if siglip else lse).data_ptr(), dx.data_ptr(), dy.data_ptr(), partial.data_ptr(), x.shape[0],
@@ -127,7 +131,7 @@ _CUDA_ROW_TILE = 32  # kTile in csrc/contrastive.cu
 dispatch.register(dispatch.Backend(
     op=OP, name=dispatch.CUDA, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
     priority=10, load=_CudaBackend, requires=lambda: dispatch.cuda_ext_missing("contrastive_fwd"),
-    description="CUDA (csrc/contrastive.cu): 32x32 shared-memory tiles, fp32 math, no b x B buffer",
+    description="csrc/contrastive.cu, portable fallback: 32x32 shared-memory tiles, fp32 FMA math, no b x B buffer",
 ))
 
 
