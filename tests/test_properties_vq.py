@@ -23,20 +23,21 @@ from hypothesis import strategies as st  # noqa: E402
 DEV = "cuda" if HAS_CUDA else "cpu"
 BACKENDS = ["reference", "triton"]
 DTYPES = {"reference": (torch.float32, torch.float64, torch.float16), "triton": (torch.float32, torch.float16)}
-TRITON_TIES = "fixed on branch cvq: the triton argmin does not send exact ties to the lowest index"
+TRITON_TIES = "fixed on branch cvq: the triton argmin sends a query on duplicated entries to a later copy"
 TRITON_NAN = "fixed on branch cvq: triton returns distance 0 for a NaN row and skips a NaN codebook row"
 
 
 @st.composite
-def nearest_cases(draw, backend: str, *, ties: bool = False) -> dict:
-    """``ties``: duplicated entries with queries on and near them, or small-integer data (every tie exact)."""
+def nearest_cases(draw, backend: str, *, ties: str | None = None) -> dict:
+    """``ties``: "integers" (small-integer data, every tie exact) or "duplicates" (random entries repeated at
+    later indices, 16 queries on and near a copy); both with repeated entries."""
     return {
-        "lead": tuple(draw(st.lists(st.integers(0, 5), min_size=1, max_size=2))),
-        "codes": draw(st.sampled_from([1, draw(st.integers(1, 100 if ties else 12))])),
+        "lead": (16,) if ties == "duplicates" else tuple(draw(st.lists(st.integers(0, 5), min_size=1, max_size=2))),
+        "codes": draw(st.integers(20, 100)) if ties == "duplicates" else draw(st.sampled_from([1, 2, 7, 12])),
         "dim": draw(st.integers(1, 9)), "dtype": draw(st.sampled_from(DTYPES[backend])),
         "codebook_dtype": draw(st.sampled_from([None, torch.float32])),  # None: x's dtype
         "distance": draw(st.sampled_from(["l2"] if ties else ["l2", "cosine"])),
-        "integers": ties and draw(st.booleans()), "duplicates": draw(st.integers(1, 3)) if ties else 0,
+        "integers": ties == "integers", "duplicates": draw(st.integers(1, 3)) if ties else 0,
         "seed": draw(st.integers(0, 2**16)),
     }
 
@@ -95,9 +96,14 @@ def test_nearest_matches_dense_oracle(backend):
     check_property(nearest_cases(backend), lambda case: _check_nearest(case, backend), 12)
 
 
-@pytest.mark.parametrize("backend", _triton_xfail(TRITON_TIES))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nearest_exact_ties_go_to_the_lowest_index(backend):
-    check_property(nearest_cases(backend, ties=True), lambda case: _check_nearest(case, backend), 12,
+    check_property(nearest_cases(backend, ties="integers"), lambda case: _check_nearest(case, backend), 12)
+
+
+@pytest.mark.parametrize("backend", _triton_xfail(TRITON_TIES))
+def test_nearest_duplicated_entries_go_to_the_first_copy(backend):
+    check_property(nearest_cases(backend, ties="duplicates"), lambda case: _check_nearest(case, backend), 8,
                    phases=_phases(backend))
 
 
