@@ -32,8 +32,9 @@ try:  # property tests (tests/test_properties_*.py): a small reproducible budget
 
     # derandomize: CI runs the same examples every time (a failure reproduces); no deadline: the Triton
     # interpreter's first call compiles. `HYPOTHESIS_PROFILE=thorough pytest tests/test_properties_*` searches wider.
-    settings.register_profile("ci", max_examples=10, deadline=None, derandomize=True, print_blob=True,
-                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    # no example database: a CI run never depends on what an earlier run on the same machine found
+    settings.register_profile("ci", max_examples=10, deadline=None, derandomize=True, database=None,
+                              print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     settings.register_profile("thorough", max_examples=300, deadline=None,
                               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -168,14 +168,16 @@ def ema_step(codebook, ema_counts, ema_sums, counts, sums, gamma: float, eps: fl
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 2e-2}
 
 
-def assert_close_to_oracle(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    """|got - want| <= tol * (1 + |want|) for the input dtype's tolerance; NaN where and only where want is NaN."""
+def assert_close_to_oracle(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
+                           conditioning: float = 1.0) -> None:
+    """|got - want| <= tol * conditioning * (1 + |want|) for the input dtype's tolerance; NaN where and only where
+    want is NaN. ``conditioning`` >= 1 widens the bound for ill-conditioned problems (see the callers)."""
     assert tuple(got.shape) == tuple(want.shape), f"{name}: shape {tuple(got.shape)}, oracle {tuple(want.shape)}"
     g, w = got.detach().to(F64).cpu(), want.detach().to(F64).cpu()
     assert torch.equal(g.isnan(), w.isnan()), f"{name}: NaN at {g.isnan().nonzero().tolist()[:5]}, " \
                                               f"oracle NaN at {w.isnan().nonzero().tolist()[:5]}"
     err = (g - w).abs().nan_to_num(0.0)
-    allowed = TOLERANCE[dtype] * (1 + w.abs().nan_to_num(0.0))
+    allowed = TOLERANCE[dtype] * max(1.0, conditioning) * (1 + w.abs().nan_to_num(0.0))
     if bool((err > allowed).any()):
         at = int((err - allowed).argmax())
         raise AssertionError(f"{name}: {int((err > allowed).sum())} of {err.numel()} values differ from the oracle; "

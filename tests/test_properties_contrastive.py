@@ -56,6 +56,15 @@ def _scalar(value: float | None, case: dict) -> torch.Tensor | None:
     return None if value is None else torch.tensor(value, dtype=dtype)
 
 
+def _conditioning(x: torch.Tensor, y: torch.Tensor, scale: float) -> float:
+    """How much wider than at |logits| <= 100 the bound must be: a low-precision logit carries an absolute error
+    of about ulp(max |logit|), which a fused backward (logits recomputed tile by tile) passes on to every
+    probability. Normalised CLIP embeddings with s <= 100 stay at 1."""
+    bound = abs(scale) * float(x.double().norm(dim=1).max(0)[0]) * float(y.double().norm(dim=1).max(0)[0]) \
+        if x.numel() and y.numel() else 0.0
+    return max(1.0, bound / 100)
+
+
 def _oracle_grads(fn, tensors: dict[str, torch.Tensor | None], upstream: torch.Tensor):
     """(value, grads by name) of fn(**float64 copies) through float64 autograd."""
     f64 = {n: None if t is None else t.detach().double().requires_grad_() for n, t in tensors.items()}
@@ -86,14 +95,15 @@ def _check_loss(case: dict, backend: str) -> None:
     want, want_grads = _oracle_grads(truth, {"image": image, "text": text, "scale": leaves["scale"], "bias": bias},
                                      upstream)
     assert loss.dtype == (torch.float64 if case["dtype"] == torch.float64 else torch.float32)
-    oracle.assert_close_to_oracle("loss", loss, want, case["dtype"])
+    cond = _conditioning(image.detach().cpu(), text.detach().cpu(), case["scale"])
+    oracle.assert_close_to_oracle("loss", loss, want, case["dtype"], cond)
     for name, g in grads.items():
-        oracle.assert_close_to_oracle(f"d{name}", g, want_grads[name], case["dtype"])
+        oracle.assert_close_to_oracle(f"d{name}", g, want_grads[name], case["dtype"], cond)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_contrastive_loss_matches_dense_oracle(backend):
-    check_property(loss_cases(backend), lambda case: _check_loss(case, backend), 15 if backend == "reference" else 8)
+    check_property(loss_cases(backend), lambda case: _check_loss(case, backend), 15 if backend == "reference" else 6)
 
 
 @st.composite
@@ -112,6 +122,7 @@ def _check_split(case: dict, backend: str) -> None:
     scale = _scalar(case["scale"], case)
     bias = _scalar(case["bias"], case)
     total, offset = torch.zeros((), dtype=oracle.F64), 0
+    cond = _conditioning(image, text, case["scale"])
     for size in case["sizes"]:  # rank r: its rows x[offset:offset+size] against the gathered columns
         x = image[offset:offset + size]
         drow = torch.rand(size, generator=gen, dtype=torch.float32) + 0.5
@@ -126,17 +137,17 @@ def _check_split(case: dict, backend: str) -> None:
             return oracle.siglip_rows(x, y, scale, bias, offset)
 
         want, want_grads = _oracle_grads(truth, {"x": x, "y": text, "scale": scale, "bias": bias}, drow)
-        oracle.assert_close_to_oracle(f"rows at offset {offset}", rows, want, case["dtype"])
-        oracle.assert_close_to_oracle("dx", dx, want_grads["x"], case["dtype"])
-        oracle.assert_close_to_oracle("dy", dy, want_grads["y"], case["dtype"])
-        oracle.assert_close_to_oracle("dscale", dscale, want_grads["scale"], case["dtype"])
+        oracle.assert_close_to_oracle(f"rows at offset {offset}", rows, want, case["dtype"], cond)
+        oracle.assert_close_to_oracle("dx", dx, want_grads["x"], case["dtype"], cond)
+        oracle.assert_close_to_oracle("dy", dy, want_grads["y"], case["dtype"], cond)
+        oracle.assert_close_to_oracle("dscale", dscale, want_grads["scale"], case["dtype"], cond)
         if kind == "siglip":
-            oracle.assert_close_to_oracle("dbias", dbias, want_grads["bias"], case["dtype"])
+            oracle.assert_close_to_oracle("dbias", dbias, want_grads["bias"], case["dtype"], cond)
         total = total + rows.double().sum().cpu()
         offset += size
     if kind == "siglip":  # the image->text shares alone make up the whole SigLIP loss
         whole = oracle.contrastive_loss(image, text, scale, kind=kind, bias=bias)
-        oracle.assert_close_to_oracle("sum of the shares", total / case["batch"], whole, case["dtype"])
+        oracle.assert_close_to_oracle("sum of the shares", total / case["batch"], whole, case["dtype"], cond)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -25,15 +25,16 @@ DTYPES = {"reference": (torch.float32, torch.float64, torch.float16), "triton": 
 
 
 @st.composite
-def nearest_cases(draw, backend: str, *, ties: bool = False) -> dict:
-    """``ties``: duplicated entries with queries on and near them, or small-integer data (every tie exact)."""
+def nearest_cases(draw, backend: str, *, ties: str | None = None) -> dict:
+    """``ties``: "integers" (small-integer data, every tie exact) or "duplicates" (random entries repeated at
+    later indices, 16 queries on and near a copy); both with repeated entries."""
     return {
-        "lead": tuple(draw(st.lists(st.integers(0, 5), min_size=1, max_size=2))),
-        "codes": draw(st.sampled_from([1, draw(st.integers(1, 100 if ties else 12))])),
+        "lead": (16,) if ties == "duplicates" else tuple(draw(st.lists(st.integers(0, 5), min_size=1, max_size=2))),
+        "codes": draw(st.integers(20, 100)) if ties == "duplicates" else draw(st.sampled_from([1, 2, 7, 12])),
         "dim": draw(st.integers(1, 9)), "dtype": draw(st.sampled_from(DTYPES[backend])),
         "codebook_dtype": draw(st.sampled_from([None, torch.float32])),  # None: x's dtype
         "distance": draw(st.sampled_from(["l2"] if ties else ["l2", "cosine"])),
-        "integers": ties and draw(st.booleans()), "duplicates": draw(st.integers(1, 3)) if ties else 0,
+        "integers": ties == "integers", "duplicates": draw(st.integers(1, 3)) if ties else 0,
         "seed": draw(st.integers(0, 2**16)),
     }
 
@@ -49,10 +50,13 @@ def _nearest_inputs(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
     for _ in range(case["duplicates"]):  # an entry repeated at a later index
         src, dst = torch.randint(0, k, (2,), generator=gen).tolist()
         codebook[max(src, dst)] = codebook[min(src, dst)]
-    if x.numel() and case["duplicates"]:  # queries on and near a (duplicated) entry
-        on = codebook[max(src, dst)]
-        x.reshape(-1, d)[:] = on + 0.01 * torch.randn(x.reshape(-1, d).shape, generator=gen)
-        x.reshape(-1, d)[0] = on
+    if x.numel() and case["duplicates"]:  # queries on and near a (duplicated) entry (integers stay integers)
+        on, rows = codebook[max(src, dst)], x.reshape(-1, d)
+        if case["integers"]:
+            rows[:] = on + torch.randint(-1, 2, rows.shape, generator=gen)
+        else:
+            rows[:] = on + 0.01 * torch.randn(rows.shape, generator=gen)
+        rows[0] = on
     return x.to(case["dtype"]), codebook.to(case["codebook_dtype"] or case["dtype"])
 
 
@@ -85,7 +89,23 @@ def test_nearest_matches_dense_oracle(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nearest_exact_ties_go_to_the_lowest_index(backend):
-    check_property(nearest_cases(backend, ties=True), lambda case: _check_nearest(case, backend), 12)
+    check_property(nearest_cases(backend, ties="integers"), lambda case: _check_nearest(case, backend), 12)
+
+
+# Found by the thorough profile; whether a given example fails depends on the BLAS kernel's per-column rounding
+# (CPU, library), hence not strict.
+REFERENCE_DUPLICATES = ("open, no branch fixes it yet: the reference's BLAS scores ||e||^2 - 2 x.e can round "
+                        "identical entries differently, and argmin then picks a later copy")
+DUPLICATES_FOUND = {"lead": (16,), "codes": 20, "dim": 6, "dtype": torch.float64, "codebook_dtype": None,
+                    "distance": "l2", "integers": False, "duplicates": 1, "seed": 2}
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("reference", marks=pytest.mark.xfail(strict=False, reason=REFERENCE_DUPLICATES)),
+    "triton"])
+def test_nearest_duplicated_entries_go_to_the_first_copy(backend):
+    check_property(nearest_cases(backend, ties="duplicates"), lambda case: _check_nearest(case, backend), 8,
+                   always=[DUPLICATES_FOUND] if backend == "reference" else [])  # triton has no float64
 
 
 @st.composite
@@ -146,6 +166,7 @@ def test_ema_update_matches_dense_oracle(backend):
         for name, got, expected in zip(("codebook", "ema_counts", "ema_sums"), state, want):
             oracle.assert_close_to_oracle(name, got, expected, torch.float32)
 
-    cases = st.tuples(st.sampled_from([1, 2, 5, 40]), st.integers(1, 9), st.floats(0.0, 0.999), st.booleans(),
+    momentum = st.one_of(st.just(0.0), st.floats(1e-3, 0.999))  # (a subnormal one only shows fp32 vs fp64 state)
+    cases = st.tuples(st.sampled_from([1, 2, 5, 40]), st.integers(1, 9), momentum, st.booleans(),
                       st.integers(0, 2**16))
     check_property(cases, check, 10)
