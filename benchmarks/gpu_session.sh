@@ -8,12 +8,14 @@
 # open_clip_torch and the pure deps the device image lacks) are installed with --no-index --no-deps into a
 # --target folder put on PYTHONPATH, so every stage sees them and the image's own packages stay untouched.
 set -u
-cd "$(dirname "$0")/.." || exit 2
 OUT_DIR="${1:-}"
 if [ -z "$OUT_DIR" ] || [ "${OUT_DIR#-}" != "$OUT_DIR" ]; then
   echo "usage: bash benchmarks/gpu_session.sh OUT [--budget SECONDS] [--only STAGES] [--dry-run]" >&2
   exit 2
 fi
+shift
+mkdir -p "$OUT_DIR" && OUT_DIR="$(cd "$OUT_DIR" && pwd)" || exit 2  # absolute before leaving the caller's folder
+cd "$(dirname "$0")/.." || exit 2
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 DRY=0
 for a in "$@"; do [ "$a" = "--dry-run" ] && DRY=1; done
@@ -30,4 +32,4 @@ if [ "$DRY" = 0 ] && [ "${#WHEELS[@]}" -gt 0 ]; then
     echo "wheel install FAILED (see above); the peers are missing in this session" >> "$OUT_DIR/stages/wheels/install.log"
   fi
 fi
-exec "$PY" benchmarks/gpu_session.py "$@"
+exec "$PY" benchmarks/gpu_session.py "$OUT_DIR" "$@"

@@ -1,6 +1,7 @@
 """The prepared GPU session (benchmarks/gpu_session.{sh,py}): its plan, budgets, stage outcomes, what it leaves in
 OUT, and (slow) a whole dry run of every stage's CPU counterpart."""
 
+import os
 import subprocess
 import sys
 import tarfile
@@ -103,11 +104,18 @@ def test_bad_arguments_name_the_problem(tmp_path, capsys):
     assert proc.returncode == 2 and "usage" in proc.stderr
 
 
+def test_shell_entry_resolves_a_relative_out_folder(tmp_path):
+    proc = subprocess.run(["bash", str(SCRIPT), "rel_out", "--dry-run", "--only", "nvidia-smi"], cwd=tmp_path,
+                          capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "rel_out" / "summary.md").is_file()  # relative to the caller, not to the repository
+
+
 @pytest.mark.slow
 def test_whole_dry_run(tmp_path):
     """Every stage's CPU counterpart through the shell entry point, then the summary (~3 minutes on 2 cores)."""
     proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path), "--dry-run"], capture_output=True, text=True,
-                          env={**__import__("os").environ, "PYTHON": sys.executable}, timeout=900)
+                          env={**os.environ, "PYTHON": sys.executable}, timeout=900)
     text = (tmp_path / "summary.md").read_text()
     for stage in gs.STAGES:
         assert f"| {stage.name} |" in text
