@@ -354,3 +354,12 @@ def test_public_attention_runs_the_cpu_backend_by_default(monkeypatch):
     assert calls == [1]
     torch.testing.assert_close(auto, vlcore.attention(q, k, v, backend="reference"))
     assert calls == [1]  # the explicit reference request does not go through the cpu backend
+
+
+def test_info_lists_the_cpu_backend_of_every_op():
+    from vlcore import info
+
+    report = info.report()
+    for op in ("attention", "contrastive_loss", "vq"):
+        assert any(line.split()[:3] == [op, "cpu", "available"] for line in report.splitlines()), op
+    assert "CPU tensors -> cpu" in report
