@@ -9,13 +9,16 @@ from kernel_check import track_allocations
 from test_attention_reference import naive_attention
 from test_contrastive_reference import independent_loss
 from test_distributed import _check_against_single_process, _contrastive_worker
+from test_vq_reference import brute_force, literal_statistics, tie_case
 
 import vlcore
 from vlcore import dispatch
 from vlcore.cpu import attention as cpu_attention
 from vlcore.cpu import contrastive as cpu_contrastive
-from vlcore.ops import contrastive as contrastive_op
+from vlcore.cpu import vq as cpu_vq
+from vlcore.ops import vq as vq_ops
 from vlcore.reference import contrastive as contrastive_ref
+from vlcore.reference import vq as vq_ref
 
 # ---- attention -----------------------------------------------------------------------------------------
 
@@ -228,6 +231,84 @@ def test_contrastive_cpu_distributed_matches_single_process_with_unequal_local_b
     _check_against_single_process(run_distributed(_chunked_contrastive_worker, 2), "cpu")
 
 
+# ---- visual dictionary (vq) ----------------------------------------------------------------------------
+
+def _small_tiles(monkeypatch, chunk=4, tile=12):
+    """Codebook chunks of a few entries and tiles of a few rows, so every test crosses both boundaries."""
+    monkeypatch.setattr(cpu_vq, "_CODEBOOK_CHUNK", chunk)
+    monkeypatch.setattr(cpu_vq, "_TILE_ELEMENTS", tile)
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize("n,k,d", [(1, 3, 5), (37, 11, 6), (20, 257, 9)])
+def test_vq_cpu_nearest_matches_brute_force_and_reference(n, k, d, distance, monkeypatch):
+    _small_tiles(monkeypatch)
+    x, cb = torch.randn(n, d), torch.randn(k, d)
+    idx, dist = vlcore.vq_nearest(x, cb, distance=distance, backend="cpu")
+    t_idx, t_dist, all_d = brute_force(x, cb, distance)
+    top2 = all_d.topk(min(2, k), dim=1, largest=False).values
+    clear = (top2[:, -1] - top2[:, 0] > 1e-4) | (top2[:, -1] == top2[:, 0])
+    assert torch.equal(idx[clear], t_idx[clear])
+    assert idx.dtype == torch.int64 and dist.dtype == torch.float32
+    torch.testing.assert_close(dist.double(), t_dist, rtol=1e-5, atol=1e-5)
+    r_idx, r_dist = vlcore.vq_nearest(x, cb, distance=distance, backend="reference")
+    assert torch.equal(idx[clear], r_idx[clear])
+    torch.testing.assert_close(dist, r_dist, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_vq_cpu_ties_go_to_lowest_index_across_chunks(distance, monkeypatch):
+    _small_tiles(monkeypatch, chunk=2)  # duplicates 1, 3, 5 and the equidistant 6, 7 sit in different chunks
+    x, cb = tie_case(distance)
+    idx, _ = vlcore.vq_nearest(x, cb, distance=distance, backend="cpu")
+    assert torch.equal(idx, brute_force(x, cb, distance)[0])
+
+
+@pytest.mark.parametrize("nan_entries", [[5], [1, 6], [9]])
+def test_vq_cpu_nan_entry_wins_like_argmin(nan_entries, monkeypatch):
+    """torch.argmin returns the first NaN of a row: a NaN codebook entry is every row's choice, whichever chunk
+    it lies in, and a NaN row picks entry 0."""
+    _small_tiles(monkeypatch, chunk=3)
+    x, cb = torch.randn(7, 4), torch.randn(10, 4)
+    cb[nan_entries, 2] = float("nan")
+    x[3, 1] = float("nan")
+    idx, dist = vlcore.vq_nearest(x, cb, backend="cpu")
+    r_idx, r_dist = vlcore.vq_nearest(x, cb, backend="reference")
+    assert torch.equal(idx, r_idx)
+    assert idx.tolist() == [nan_entries[0]] * 3 + [0] + [nan_entries[0]] * 3
+    assert dist.isnan().all() and r_dist.isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_vq_cpu_nearest_uses_codebook_in_x_dtype(dtype, monkeypatch):
+    _small_tiles(monkeypatch)
+    x, cb = torch.randn(40, 16).to(dtype), torch.randn(11, 16)
+    idx, dist = vlcore.vq_nearest(x, cb, backend="cpu")
+    t_idx, t_dist, _ = brute_force(x, cb)
+    assert torch.equal(idx, t_idx)
+    assert dist.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(dist.double(), t_dist, rtol=1e-5, atol=1e-5)
+
+
+def test_vq_cpu_statistics_and_ema_match_literal_loop_and_reference():
+    x, idx = torch.randn(53, 7), torch.randint(0, 9, (53,))
+    idx[:5] = 8  # an entry with several rows, and (likely) some with none
+    counts, sums = vlcore.vq_statistics(x, idx, 9, backend="cpu")
+    t_counts, t_sums = literal_statistics(x, idx, 9)
+    torch.testing.assert_close(counts.double(), t_counts)
+    torch.testing.assert_close(sums.double(), t_sums, rtol=1e-5, atol=1e-5)
+    initial = (torch.randn(9, 7), torch.rand(9), torch.randn(9, 7))  # codebook, EMA counts, EMA sums
+    states = []
+    for backend in ("cpu", "reference"):
+        state = [t.clone() for t in initial]
+        packed = vq_ops.vq_statistics_packed(x, idx, 9, backend=backend)
+        vlcore.dispatch.get("vq", backend).impl().ema_update(*state, packed, 0.9, 1e-5)
+        states.append(state)
+    for got, want in zip(*states):
+        torch.testing.assert_close(got, want)
+    assert not torch.equal(states[0][0], initial[0])  # the update did something
+
+
 # ---- dispatch ------------------------------------------------------------------------------------------
 
 def _attention_problem(dtype, device="cpu"):
@@ -242,9 +323,10 @@ def test_cpu_tensors_pick_the_cpu_backend():
     assert dispatch.choose("attention", _attention_problem(torch.float32), backend="reference").name == "reference"
     problem = dispatch.Problem(torch.device("cpu"), torch.bfloat16, {"dim": 8, "kind": "infonce"})
     assert dispatch.choose("contrastive_loss", problem).name == "cpu"
+    assert dispatch.choose("vq", dispatch.Problem(torch.device("cpu"), torch.float16, {"dim": 8})).name == "cpu"
 
 
-@pytest.mark.parametrize("op", ["attention", "contrastive_loss"])
+@pytest.mark.parametrize("op", ["attention", "contrastive_loss", "vq"])
 def test_cpu_backend_never_chosen_for_cuda_tensors(op):
     assert dispatch.get(op, "cpu").refusals(_attention_problem(torch.float32, "cuda"))
     assert "cuda" not in dispatch.get(op, "cpu").devices
@@ -272,3 +354,12 @@ def test_public_attention_runs_the_cpu_backend_by_default(monkeypatch):
     assert calls == [1]
     torch.testing.assert_close(auto, vlcore.attention(q, k, v, backend="reference"))
     assert calls == [1]  # the explicit reference request does not go through the cpu backend
+
+
+def test_info_lists_the_cpu_backend_of_every_op():
+    from vlcore import info
+
+    report = info.report()
+    for op in ("attention", "contrastive_loss", "vq"):
+        assert any(line.split()[:3] == [op, "cpu", "available"] for line in report.splitlines()), op
+    assert "CPU tensors -> cpu" in report

@@ -18,6 +18,7 @@ import torch
 from vlcore import _ext, dispatch
 from vlcore import _validate as V
 from vlcore.kernels._launch import launch_context
+from vlcore.cpu import vq as cpu_vq
 from vlcore.reference import vq as ref
 
 OP = "vq"
@@ -52,6 +53,12 @@ class _ReferenceBackend:
 dispatch.register(dispatch.Backend(
     op=OP, name=dispatch.REFERENCE, devices=("cpu", "cuda"), dtypes=V.FLOAT_DTYPES, priority=0,
     load=_ReferenceBackend, description="PyTorch, (rows, K) score chunks + argmin, index_add statistics",
+))
+
+
+dispatch.register(dispatch.Backend(
+    op=OP, name=dispatch.CPU, devices=("cpu",), dtypes=V.FLOAT_DTYPES, priority=5, load=lambda: cpu_vq.CpuVQ,
+    description="cache-sized (rows x codebook chunk) addmm tiles + running argmin, packed statistics",
 ))
 
 
@@ -181,7 +188,7 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, *, distance: str = "l2",
         x: (..., D) features, fp16/bf16/fp32/fp64.
         codebook: (K, D) entries, any float dtype (represented in x's dtype for the distance).
         distance: ``"l2"`` (squared Euclidean) or ``"cosine"`` (squared L2 between L2-normalised vectors).
-        backend: ``reference`` | ``triton`` | ``cuda`` (default: automatic, see :mod:`vlcore.dispatch`).
+        backend: ``reference`` | ``cpu`` | ``triton`` | ``cuda`` (default: automatic, see :mod:`vlcore.dispatch`).
 
     Returns:
         (indices int64, squared distances fp32 (fp64 for fp64 x)), both of shape ``x.shape[:-1]``;
