@@ -14,6 +14,7 @@ import inspect
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from vlcore import cli_args
@@ -226,13 +227,9 @@ def _cmd_pretrain(args) -> int:
                       max_bad_fraction=args.max_bad_fraction, overrides=_overrides(args.overrides),
                       quiet=args.quiet, explicit=explicit)
     from vlcore.train.checkpoint import CheckpointWriteError
-    from vlcore.train.run_folder import RunFolderExists
 
     try:
-        pretrain(cfg)
-    except RunFolderExists as e:  # a usage error: one line, exit 2
-        print(f"vlcore pretrain: {e}", file=sys.stderr)
-        return 2
+        pretrain(cfg)  # an existing run folder (FileExistsError) is a user error: main's one line, exit 2
     except CheckpointWriteError as e:  # disk full etc.: the previous checkpoint is intact
         print(f"vlcore pretrain: {e}; earlier checkpoints are intact", file=sys.stderr)
         return 1
@@ -289,8 +286,7 @@ def _cmd_eval(args) -> int:
     metrics.update(model=meta["model"], step=int(meta.get("step", 0)))
     print(f"{meta['model']} at step {metrics['step']}")
     print(evaluation.format_table(metrics))
-    weights, _ = checkpoint.resolve(args.checkpoint)
-    out = Path(args.out) if args.out else _fresh_eval_path(weights.parent.parent)
+    out = Path(args.out) if args.out else _fresh_eval_path(checkpoint.run_dir_of(args.checkpoint))
     evaluation.save_json(metrics, out)
     print(f"saved {out}")
     return 0
@@ -464,6 +460,9 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    formatwarning = warnings.formatwarning
+    if not args.debug:  # a warning (e.g. a checkpoint fallback) is one line, like the errors
+        warnings.formatwarning = lambda message, category, *_, **__: f"vlcore {args.command}: warning: {message}\n"
     try:
         cli_args.check_backend_environment()
         return args.func(args)
@@ -471,6 +470,8 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         return cli_args.report(args.command, e)
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

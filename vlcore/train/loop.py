@@ -456,8 +456,6 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
     train_s = time.perf_counter() - t_start
     _log(info, f"trained {cfg.steps - start_step} steps in {train_s:.0f} s; final loss {losses[-1]:.4f}"
                + (f"; {source.skip_summary()}" if source.skip_summary() else ""))
-            if nonfinite.skipped:
-                rec["skipped_steps"] = nonfinite.skipped
     if info.enabled and cfg.dist == "ddp":
         if not distributed.ranks_agree(model):
             raise RuntimeError("after training the ranks hold different weights: a model op is not deterministic "
