@@ -112,6 +112,7 @@ def test_shell_entry_resolves_a_relative_out_folder(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_whole_dry_run(tmp_path):
     """Every stage's CPU counterpart through the shell entry point, then the summary (~3 minutes on 2 cores)."""
     proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path), "--dry-run"], capture_output=True, text=True,

@@ -137,6 +137,7 @@ def test_main_exits_nonzero_when_a_default_variant_is_flagged(tmp_path, monkeypa
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @needs_cuobjdump
 def test_every_default_kernel_variant_is_sound():
     """Every default (deterministic-mode) config of the vlcore kernels compiles for its targets without spills

@@ -37,6 +37,7 @@ def test_killed_runs_resume_to_identical_weights(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("seed,extra", [(1, []), (2, ["--grad-accum", "2"]), (3, ["--num-workers", "1"]),
                                         (4, ["--steps", "20", "--save-every", "2"])])
 def test_fault_matrix_large(tmp_path, seed, extra):

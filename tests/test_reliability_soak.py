@@ -30,6 +30,7 @@ def _sample(pid: int) -> dict | None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
 def test_soak_rss_files_and_threads_stay_flat(tmp_path):
     steps = 3000
