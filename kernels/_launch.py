@@ -91,7 +91,12 @@ def deterministic() -> bool:
 
 def allow_tf32() -> bool:
     """Has the user opted into TF32 for fp32 matmuls through torch's flags?"""
-    return torch.get_float32_matmul_precision() != "highest" or bool(torch.backends.cuda.matmul.allow_tf32)
+    try:
+        return torch.get_float32_matmul_precision() != "highest" or bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:
+        # torch >= 2.9 refuses the global query once the legacy and the per-backend APIs were both used; the
+        # CUDA matmul backend's own setting is then the one that applies
+        return getattr(torch.backends.cuda.matmul, "fp32_precision", "ieee") == "tf32"
 
 
 def fp32_dot_precision(interpret: bool) -> str:
