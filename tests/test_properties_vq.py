@@ -114,7 +114,8 @@ DUPLICATES_FOUND = {"lead": (16,), "codes": 20, "dim": 6, "dtype": torch.float64
 
 @pytest.mark.parametrize("backend", [
     pytest.param("reference", marks=pytest.mark.xfail(strict=False, reason=REFERENCE_DUPLICATES)),
-    pytest.param("triton", marks=pytest.mark.xfail(strict=True, reason=TRITON_TIES))])
+    # seen under the interpreter; a GPU's rounding may happen to pick the first copy (hence strict here only)
+    pytest.param("triton", marks=pytest.mark.xfail(strict=not HAS_CUDA, reason=TRITON_TIES))])
 def test_nearest_duplicated_entries_go_to_the_first_copy(backend):
     check_property(nearest_cases(backend, ties="duplicates"), lambda case: _check_nearest(case, backend), 8,
                    always=[DUPLICATES_FOUND] if backend == "reference" else [], phases=_phases("triton"))
