@@ -3,9 +3,12 @@
     python benchmarks/run_all.py --quick        # tiny sizes (CPU smoke run, or a fast GPU pass)
     python benchmarks/run_all.py                # full sweeps (GPU)
     python benchmarks/run_all.py --only attention,vq
+    python benchmarks/run_all.py --only resources   # just the static resource report (kernel_resources.py)
 
 Each script runs in its own process (a failing one is reported and the others still run); the exit code is
-non-zero if any failed. Results land in benchmarks/results/<device>/ with the versions and a raw log.
+non-zero if any failed. Results land in benchmarks/results/<device>/ with the versions and a raw log. The last
+step is the static resource report (``kernel_resources.py``: every kernel config compiled for sm_90/sm_80, no GPU
+needed; ``--quick`` keeps the default configs), written to benchmarks/results/static/ (or <--out>/static).
 """
 
 from __future__ import annotations
@@ -25,13 +28,19 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma-separated names (bench_<name>.py)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
     args = p.parse_args(argv)
-    scripts = sorted(HERE.glob("bench_*.py"))
+    steps = {s.stem[len("bench_"):]: s for s in sorted(HERE.glob("bench_*.py"))}
+    steps["resources"] = HERE / "kernel_resources.py"
     if args.only:
         wanted = {n.strip() for n in args.only.split(",")}
-        scripts = [s for s in scripts if s.stem[len("bench_"):] in wanted]
+        unknown = sorted(wanted - set(steps))
+        if unknown:
+            p.error(f"--only: unknown {', '.join(unknown)}; choose from {', '.join(steps)}")
+        steps = {name: s for name, s in steps.items() if name in wanted}
+    scripts = list(steps.values())
     failed = []
-    for script in scripts:
-        cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else []) + (["--out", args.out] if args.out else [])
+    for name, script in steps.items():
+        out = args.out if name != "resources" or not args.out else str(Path(args.out) / "static")
+        cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else []) + (["--out", out] if out else [])
         print(f"== {script.name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
         rc = subprocess.call(cmd, cwd=HERE.parent)

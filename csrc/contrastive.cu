@@ -1,4 +1,5 @@
 // Contrastive losses (InfoNCE, SigLIP) over local rows x gathered columns: CUDA forward and backward.
+// A portable fallback for machines without Triton (fp32 FMA tiles, no tensor cores), not the fast path.
 //
 // Same op and formulas as kernels/contrastive.py (see vlcore/reference/contrastive.py): rows x (b, D) against
 // columns y (B, D), positive column of row i at offset + i, logits l = s * x.y (+ bias), fp32 math for

@@ -1,4 +1,5 @@
 // Visual dictionary (SOHO): CUDA nearest-entry search, deterministic per-entry statistics, momentum update.
+// A portable fallback for machines without Triton (fixed tiles, no autotuning), not the fast path.
 //
 // Same semantics as kernels/vq.py and vlcore/reference/vq.py; the host (vlcore/ops/vq.py) prepares the codebook
 // operand once per call (cast to x's dtype for l2 with fp16/bf16 x, fp32 and normalised for cosine) and ||e||^2.
@@ -7,9 +8,10 @@
 //               dims through shared memory). l2 with fp16/bf16 x and the codebook in x's dtype: the 64 x 64 tile of
 //               dot products comes from WMMA tensor-core fragments (exact 16-bit products, fp32 accumulation);
 //               otherwise (fp32, cosine) each thread accumulates a 4 x 4 micro-tile with fp32 FMAs. Per row, the
-//               16 lanes of a half-warp that share it reduce (score, index) with shuffles (warp-level argmin, ties
-//               to the lower index); a later tile replaces the running best only when strictly smaller. Nothing
-//               of size N x K exists, not even in shared memory.
+//               16 lanes of a half-warp that share it reduce (score, index) with shuffles (warp-level argmin in
+//               torch.argmin's order: NaN first, ties to the lower index); a later tile replaces the running
+//               best only when strictly better. The host maps duplicate entries to their first copy afterwards.
+//               Nothing of size N x K exists, not even in shared memory.
 //   statistics  rows ordered by entry on the host (stable sort, offsets); one block per (entry, 32 columns):
 //               8 warps stride over the entry's rows, then the 8 partial sums are added in a fixed order in shared
 //               memory. No float atomics: bitwise deterministic (at the cost of serialising a very large entry).
@@ -46,9 +48,14 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(v);
 }
 
-// Keep the smaller score; on equal scores the lower index.
+// torch.argmin's order: a NaN before every number, then the smaller score, then the lower index.
+__device__ __forceinline__ bool argmin_before(float ov, int oi, float v, int i) {
+  const bool onan = isnan(ov), nan = isnan(v);
+  return (onan && !nan) || ov < v || ((ov == v || (onan && nan)) && oi < i);
+}
+
 __device__ __forceinline__ void argmin_merge(float& v, int& i, float ov, int oi) {
-  if (ov < v || (ov == v && oi < i)) {
+  if (argmin_before(ov, oi, v, i)) {
     v = ov;
     i = oi;
   }
@@ -104,7 +111,8 @@ __device__ __forceinline__ void fold_tile(const float (&dots)[4][4], const float
       const int oi = __shfl_xor_sync(0xffffffffu, vi, off);
       argmin_merge(v, vi, ov, oi);
     }
-    if (v < best[i]) {  // strict: an equal score in a later tile keeps the lower index
+    // strict: an equal score in a later tile keeps the lower index; a NaN replaces only a number
+    if (v < best[i] || (isnan(v) && !isnan(best[i]))) {
       best[i] = v;
       best_idx[i] = vi;
     }
@@ -121,7 +129,8 @@ __device__ __forceinline__ void store_best(const float (&best)[4], const int (&b
     const int64_t gr = row0 + r;
     if (gr < n) {
       idx_out[gr] = best_idx[i];
-      dist_out[gr] = fmaxf(__fadd_rn(best[i], row_sq[r]), 0.f);
+      const float d = __fadd_rn(best[i], row_sq[r]);
+      dist_out[gr] = d < 0.f ? 0.f : d;  // clamp at 0; NaN stays NaN (fmaxf would return 0)
     }
   }
 }
@@ -303,6 +312,10 @@ std::string last_error(const char* what) {
   return std::string(what) + ": " + cudaGetErrorString(err);
 }
 
+// Called right before a launch: a pending (non-sticky) error left by someone else's launch must not be
+// reported as this launch's error by last_error afterwards.
+void clear_pending_error() { cudaGetLastError(); }
+
 template <typename TX, typename TE>
 void launch_nearest(uintptr_t x, uintptr_t e, uintptr_t e_sq, uintptr_t idx, uintptr_t dist, int64_t n, int64_t k,
                     int64_t dim, int64_t sx, int64_t se, bool cosine, float norm_eps, cudaStream_t stream) {
@@ -330,6 +343,7 @@ std::string vq_nearest(uintptr_t x, uintptr_t e, uintptr_t e_sq, uintptr_t idx, 
   if (n < 0 || k <= 0 || dim <= 0) return "vq_nearest: sizes must be positive";
   if ((n + kRows - 1) / kRows > 0x7fffffffLL) return "vq_nearest: too many rows for one launch";
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  clear_pending_error();
   if (e_dtype == kFloat32) {
     switch (x_dtype) {
       case kFloat32: launch_nearest<float, float>(x, e, e_sq, idx, dist, n, k, dim, sx, se, cosine, norm_eps, stream); break;
@@ -357,6 +371,7 @@ std::string vq_statistics(uintptr_t x, uintptr_t order, uintptr_t offsets, uintp
   if (k <= 0 || dim <= 0) return "vq_statistics: sizes must be positive";
   if (k > 0x7fffffffLL || (dim + kStatCols - 1) / kStatCols > 65535) return "vq_statistics: K or D too large";
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  clear_pending_error();
   const dim3 grid(static_cast<unsigned>(k), static_cast<unsigned>((dim + kStatCols - 1) / kStatCols));
   const int threads = kStatWarps * 32;
   const auto* ord = reinterpret_cast<const int64_t*>(order);
@@ -387,6 +402,7 @@ std::string vq_ema(uintptr_t codebook, uintptr_t ema_counts, uintptr_t ema_sums,
   const int threads = 256;
   const int64_t blocks = (k * dim + threads - 1) / threads;
   if (blocks > 0x7fffffffLL) return "vq_ema: K x D too large for one launch";
+  clear_pending_error();
   ema_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
       reinterpret_cast<float*>(codebook), reinterpret_cast<const float*>(ema_counts),
       reinterpret_cast<float*>(ema_sums), reinterpret_cast<const float*>(packed), reinterpret_cast<const float*>(total),

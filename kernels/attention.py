@@ -26,7 +26,13 @@ t in [s, s + gh·gw) sit at (y, x) = divmod(t − s, gw); a pair gets table[(y_q
 gw − 1, h]. The kernels gather it from the (small, cache-resident) table. For dtable, a key-block program skews
 each dS tile so that its diagonals become columns (tl.gather): all pairs on one diagonal i − j = d with the same
 sign of x_q − x_k share one table entry, so a tile reduces to 2·(BLOCK_M + BLOCK_N) sums with distinct table
-rows; they are added to the program's own row of a (programs, table) fp32 buffer, summed afterwards by torch.
+rows; they are added to the program's own row of a (programs, table) fp32 buffer, summed afterwards by torch in a
+fixed order. With a table a dK/dV program handles a chunk of samples in turn, so that the buffer holds at most
+max(B, key blocks)·H rows.
+
+Grids put blocks × batch·heads on axis 0 (blocks fastest): CUDA caps axes 1 and 2 at 65 535. Every launch runs
+inside the tensors' device guard. Deterministic mode (kernels/_launch.py) launches one fixed config per (dtype,
+head dim, capability) instead of autotuning; fp32 dots use TF32 only on torch's opt-in.
 
 Few queries (attention pooling, CoCa: 1 and 256 learnable queries shared by the batch): the forward splits the
 keys over several programs when n_query <= 16 would leave the GPU idle (split-K, partial results merged by their
@@ -41,6 +47,13 @@ import os
 import torch
 import triton
 import triton.language as tl
+from vlcore.kernels._launch import (
+    KernelVariant,
+    checked_grid,
+    deterministic,
+    fp32_dot_precision,
+    launch_context,
+)
 from vlcore.kernels.attention_limits import SUPPORTED_HEAD_DIMS
 
 LOG2E = 1.4426950408889634
@@ -55,23 +68,24 @@ def _seq_bucket(n: int) -> int:
     return min(max(triton.next_power_of_2(max(n, 1)), 64), 8192)
 
 
-# ---- autotune configs ----------------------------------------------------------------------------------
-# Under the interpreter autotuning is far too slow: one small fixed config (a single config is never benchmarked).
-# VLCORE_ATTENTION_AUTOTUNE=0 on a GPU uses one safe config per kernel (tests: autotuning every (head dim, length,
-# mask) key compiles ~30 kernels per key).
+# ---- tile configs --------------------------------------------------------------------------------------
+# Under the interpreter autotuning is far too slow: one small config (a single config is never benchmarked).
+# Without autotuning (deterministic mode, VLCORE_ATTENTION_AUTOTUNE=0) every kernel uses the one config
+# _fixed_shape gives for its (dtype, head dim, device capability).
 
-def _configs(shapes, interpret_shape, fixed_shape, skew=False):
-    def config(bm, bn, warps, stages):
-        kw = {"BLOCK_M": bm, "BLOCK_N": bn}
-        if skew:  # width of the dtable skew: the tile's BLOCK_M + BLOCK_N − 1 diagonals, rounded up
-            kw["SKEW_W"] = triton.next_power_of_2(bm + bn - 1)
-        return triton.Config(kw, num_warps=warps, num_stages=stages)
+def _config(bm, bn, warps, stages, skew=False):
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn}
+    if skew:  # width of the dtable skew: the tile's BLOCK_M + BLOCK_N − 1 diagonals, rounded up
+        kw["SKEW_W"] = triton.next_power_of_2(bm + bn - 1)
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
 
+
+def _configs(shapes, large_d_shapes, skew=False):
+    """Autotune list: the configs for head dims <= 128 and those for larger ones (the pruner keeps one set)."""
     if _INTERPRET:
-        return [config(*interpret_shape, 4, 1)]
-    if os.environ.get("VLCORE_ATTENTION_AUTOTUNE", "1") == "0":
-        return [config(*fixed_shape)]
-    return [config(*shape) for shape in shapes]
+        return [_config(*_INTERPRET_BLOCKS, 4, 1, skew)]
+    unique = list(dict.fromkeys(list(shapes) + list(large_d_shapes)))
+    return [_config(*shape, skew) for shape in unique]
 
 
 # (BLOCK_M, BLOCK_N, warps, stages): H100/H200 favour 128×64/128 tiles with 8 warps and 3–4 stages at D=128;
@@ -86,11 +100,27 @@ _DKDV_SHAPES = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3
 # dQ: BLOCK_M rows per program, loops over BLOCK_N keys.
 _DQ_SHAPES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),
               (64, 128, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (16, 128, 4, 2), (32, 64, 4, 2)]
+# Head dims 136..256 (padded to 256): every (rows, 256) fp32 accumulator costs rows·256/threads registers and
+# every K/V stage rows·256·bytes of shared memory, so fewer rows and keys per tile, 8 warps, 1–2 stages.
+_FWD_SHAPES_LARGE_D = [(64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2), (16, 64, 4, 2),
+                       (32, 32, 4, 2)]
+_DKDV_SHAPES_LARGE_D = [(32, 32, 8, 1), (32, 64, 8, 1), (16, 32, 8, 1), (16, 64, 8, 1)]
+_DQ_SHAPES_LARGE_D = [(64, 32, 8, 2), (64, 64, 8, 1), (16, 32, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)]
 _KEY = ["HEAD_DIM", "N_BUCKET", "Q_BUCKET", "CAUSAL", "HAS_PREFIX", "HAS_KVLEN", "HAS_BIAS"]
 _INTERPRET_BLOCKS = (32, 32)
 
 
 # ---- shared device helpers -----------------------------------------------------------------------------
+
+@triton.jit
+def _block_and_head(n, BLOCK: tl.constexpr):
+    """(block index, batch·heads index) of this program. Grid axis 0 holds blocks × batch·heads, blocks
+    fastest (programs of one (b, h) run together and share K/V in L2): CUDA caps axes 1 and 2 at 65 535, which
+    batch·heads passes for Swin (windows folded into the batch) or embedding extraction at B = 4096."""
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(n, BLOCK)
+    return pid % blocks, pid // blocks
+
 
 @triton.jit
 def _load2d(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROW_MASK: tl.constexpr):
@@ -209,8 +239,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, PrefixLens, KvLens, Table,
                 N_BUCKET, Q_BUCKET, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(NQ, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     start_m = pid_m * BLOCK_M
@@ -223,7 +252,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, PrefixLens, KvLens, Table,
     kv_len, prefix = _lens(b, NK, PrefixLens, KvLens, HAS_PREFIX, HAS_KVLEN)
     dense_end, hi = _key_range(start_m, NQ, NK, kv_len, prefix, CAUSAL, BLOCK_M, BLOCK_N)
     # split-K (few queries, few programs): this program covers keys [lo, up) only, whole tiles
-    split = tl.program_id(2)
+    split = tl.program_id(1)
     keys_per_split = tl.cdiv(tl.cdiv(NK, SPLITS), BLOCK_N) * BLOCK_N
     lo = split * keys_per_split
     up = lo + keys_per_split
@@ -257,10 +286,10 @@ def _fwd_kernel(Q, K, V, Out, Lse, PrefixLens, KvLens, Table,
 def _delta_kernel(Out, DOut, Delta, stride_ob, stride_on, stride_oh, stride_db, stride_dn, stride_dh, H, NQ,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
     """Δ[b, h, i] = Σ_d dO·O in fp32 (the rowsum(P ⊙ dP) of the softmax backward)."""
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(NQ, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     o = _load2d(Out + tl.cast(b, tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
                 offs_m, NQ, offs_d, HEAD_DIM, D_PAD, True)
@@ -348,72 +377,76 @@ def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, D
                  stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                  stride_db, stride_dn, stride_dh, stride_dkb, stride_dkn, stride_dkh,
                  stride_dvb, stride_dvn, stride_dvh, stride_tr, stride_th,
-                 H, NQ, NK, qk_scale, scale, GH, GW, REL_START, TABLE_SIZE,
+                 H, NQ, NK, BATCH, CHUNK, qk_scale, scale, GH, GW, REL_START, TABLE_SIZE,
                  N_BUCKET, Q_BUCKET, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKEW_W: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    """One program per (key block, chunk of CHUNK samples, head): dK, dV of each sample of the chunk in turn, and
+    the chunk's dtable partial sums in the program's own buffer row. Without a table CHUNK = 1; with one the
+    launcher picks CHUNK so that the buffer holds at most max(B, key blocks)·H rows (not B·H·key blocks)."""
+    pid_n, pid_bh = _block_and_head(NK, BLOCK_N)
+    chunk = pid_bh // H
     h = pid_bh % H
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    k = _load2d(K + tl.cast(b, tl.int64) * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                offs_n, NK, offs_d, HEAD_DIM, D_PAD, True)
-    v = _load2d(V + tl.cast(b, tl.int64) * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                offs_n, NK, offs_d, HEAD_DIM, D_PAD, True)
-    q_base = Q + tl.cast(b, tl.int64) * stride_qb + h * stride_qh
-    do_base = DOut + tl.cast(b, tl.int64) * stride_db + h * stride_dh
-    row_base = pid_bh.to(tl.int64) * NQ
-    DTab_row = DTab + (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_n) * TABLE_SIZE
+    DTab_row = DTab + (pid_bh.to(tl.int64) * tl.cdiv(NK, BLOCK_N) + pid_n) * TABLE_SIZE
     if HAS_BIAS:  # this program owns its buffer row: zero it (autotuning reruns the kernel)
         for t0 in range(0, TABLE_SIZE, BLOCK_N):
             offs_t = t0 + tl.arange(0, BLOCK_N)
             tl.store(DTab_row + offs_t, tl.zeros([BLOCK_N], tl.float32), mask=offs_t < TABLE_SIZE)
+    for b in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, BATCH)):  # fixed order: deterministic
+        b64 = tl.cast(b, tl.int64)
+        k = _load2d(K + b64 * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    offs_n, NK, offs_d, HEAD_DIM, D_PAD, True)
+        v = _load2d(V + b64 * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                    offs_n, NK, offs_d, HEAD_DIM, D_PAD, True)
+        q_base = Q + tl.cast(b, tl.int64) * stride_qb + h * stride_qh
+        do_base = DOut + tl.cast(b, tl.int64) * stride_db + h * stride_dh
+        row_base = (tl.cast(b, tl.int64) * H + h) * NQ
 
-    # Query rows that may see this key block: [lo, dense_lo) boundary, [dense_lo, full_end) dense, tail boundary.
-    kv_len, prefix = _lens(b, NK, PrefixLens, KvLens, HAS_PREFIX, HAS_KVLEN)
-    n_blocks_q = tl.cdiv(NQ, BLOCK_M) * BLOCK_M
-    lo = start_n * 0
-    dense_lo = start_n * 0
-    if CAUSAL:
-        if start_n >= prefix:
-            lo = tl.maximum(start_n - (NK - NQ), 0)
-        last_key = tl.minimum(start_n + BLOCK_N, NK) - 1
-        if last_key >= prefix:
-            dense_lo = tl.maximum(last_key - (NK - NQ), 0)
-    if start_n + BLOCK_N > kv_len:  # the block holds padding (or lies past NK): every tile needs the mask
-        dense_lo = n_blocks_q
-    if start_n >= kv_len:  # nothing visible: dK = dV = 0
-        lo = n_blocks_q
-    lo = (lo // BLOCK_M) * BLOCK_M
-    dense_lo = tl.maximum(tl.cdiv(dense_lo, BLOCK_M) * BLOCK_M, lo)
-    full_end = (NQ // BLOCK_M) * BLOCK_M
+        # Query rows that may see this key block: [lo, dense_lo) boundary, [dense_lo, full_end) dense, tail boundary.
+        kv_len, prefix = _lens(b, NK, PrefixLens, KvLens, HAS_PREFIX, HAS_KVLEN)
+        n_blocks_q = tl.cdiv(NQ, BLOCK_M) * BLOCK_M
+        lo = start_n * 0
+        dense_lo = start_n * 0
+        if CAUSAL:
+            if start_n >= prefix:
+                lo = tl.maximum(start_n - (NK - NQ), 0)
+            last_key = tl.minimum(start_n + BLOCK_N, NK) - 1
+            if last_key >= prefix:
+                dense_lo = tl.maximum(last_key - (NK - NQ), 0)
+        if start_n + BLOCK_N > kv_len:  # the block holds padding (or lies past NK): every tile needs the mask
+            dense_lo = n_blocks_q
+        if start_n >= kv_len:  # nothing visible: dK = dV = 0
+            lo = n_blocks_q
+        lo = (lo // BLOCK_M) * BLOCK_M
+        dense_lo = tl.maximum(tl.cdiv(dense_lo, BLOCK_M) * BLOCK_M, lo)
+        full_end = (NQ // BLOCK_M) * BLOCK_M
 
-    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    for start_m in range(lo, tl.minimum(dense_lo, NQ), BLOCK_M):
-        dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base, Lse, Delta,
-                            offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
-                            REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True, BLOCK_M, BLOCK_N,
-                            DOT_PRECISION, SKEW_W)
-    for start_m in range(dense_lo, full_end, BLOCK_M):
-        dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base, Lse, Delta,
-                            offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
-                            REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, False, BLOCK_M, BLOCK_N,
-                            DOT_PRECISION, SKEW_W)
-    for start_m in range(tl.maximum(dense_lo, full_end), NQ, BLOCK_M):
-        dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base, Lse, Delta,
-                            offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
-                            REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True, BLOCK_M, BLOCK_N,
-                            DOT_PRECISION, SKEW_W)
+        dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        for start_m in range(lo, tl.minimum(dense_lo, NQ), BLOCK_M):
+            dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base,
+                                Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr,
+                                stride_th, h, GH, GW, REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True,
+                                BLOCK_M, BLOCK_N, DOT_PRECISION, SKEW_W)
+        for start_m in range(dense_lo, full_end, BLOCK_M):
+            dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base,
+                                Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr,
+                                stride_th, h, GH, GW, REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, False,
+                                BLOCK_M, BLOCK_N, DOT_PRECISION, SKEW_W)
+        for start_m in range(tl.maximum(dense_lo, full_end), NQ, BLOCK_M):
+            dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base,
+                                Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr,
+                                stride_th, h, GH, GW, REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True,
+                                BLOCK_M, BLOCK_N, DOT_PRECISION, SKEW_W)
 
-    mask = (offs_n < NK)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    dk_ptrs = DK + tl.cast(b, tl.int64) * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
-    dv_ptrs = DV + tl.cast(b, tl.int64) * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+        mask = (offs_n < NK)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        dk_ptrs = DK + b64 * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+        dv_ptrs = DV + b64 * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
+        tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -446,8 +479,7 @@ def _dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, PrefixLens, KvLens, Table,
     Shared queries: the chunk's samples are summed in a fixed order in registers; with several chunks DQ is an
     fp32 (chunks, Nq, H, D) buffer the launcher sums in a fixed order (split over the batch: more programs
     when Nq·H is small, as for attention pooling, and still deterministic)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(NQ, BLOCK_M)
     chunk = pid_bh // H
     h = pid_bh % H
     start_m = pid_m * BLOCK_M
@@ -478,12 +510,18 @@ def _dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, PrefixLens, KvLens, Table,
 
 # ---- autotuned entry points (built lazily: the interpreter decision is read at import) -----------------
 
-def _pruner(min_rows: int, bias_limit: bool = False):
-    """Keep the row-block sizes that fit the number of queries: <= Q_BUCKET rows for few queries, >= min_rows
-    otherwise. With a rel-pos table (dK/dV kernel) the dtable skew's gather grows with BLOCK_M + BLOCK_N (compile
-    time and registers): keep the tiles whose diagonals fit in 128 lanes."""
+def _pruner(min_rows: int, large_d_shapes, bias_limit: bool = False):
+    """Keep the configs made for the head dim (<= 128 or larger), then the row-block sizes that fit the number
+    of queries: <= Q_BUCKET rows for few queries, >= min_rows otherwise. With a rel-pos table (dK/dV kernel)
+    the dtable skew's gather grows with BLOCK_M + BLOCK_N (compile time and registers): keep the tiles whose
+    diagonals fit in 128 lanes."""
+    large = set(large_d_shapes)
+
     def prune(configs, named_args, **kwargs):
         get = lambda name, default: kwargs.get(name, named_args.get(name, default))
+        shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+        want_large = get("D_PAD", 64) > 128
+        configs = [c for c in configs if (shape(c) in large) == want_large] or configs
         q_bucket = get("Q_BUCKET", 128)
         if q_bucket <= 32:
             kept = [c for c in configs if c.kwargs["BLOCK_M"] <= q_bucket]
@@ -497,14 +535,59 @@ def _pruner(min_rows: int, bias_limit: bool = False):
 
 @functools.cache
 def _tuned():
-    # fixed configs fit fp32 at D = 128 in an A100's shared memory
-    fwd = triton.autotune(_configs(_FWD_SHAPES, _INTERPRET_BLOCKS, (64, 32, 4, 2)), key=_KEY,
-                          prune_configs_by={"early_config_prune": _pruner(64)})(_fwd_kernel)
-    dkdv = triton.autotune(_configs(_DKDV_SHAPES, _INTERPRET_BLOCKS, (32, 64, 4, 2), skew=True), key=_KEY,
-                           prune_configs_by={"early_config_prune": _pruner(32, bias_limit=True)})(_dkdv_kernel)
-    dq = triton.autotune(_configs(_DQ_SHAPES, _INTERPRET_BLOCKS, (64, 32, 4, 2)), key=_KEY,
-                         prune_configs_by={"early_config_prune": _pruner(64)})(_dq_kernel)
+    fwd = triton.autotune(_configs(_FWD_SHAPES, _FWD_SHAPES_LARGE_D), key=_KEY,
+                          prune_configs_by={"early_config_prune": _pruner(64, _FWD_SHAPES_LARGE_D)})(_fwd_kernel)
+    dkdv = triton.autotune(_configs(_DKDV_SHAPES, _DKDV_SHAPES_LARGE_D, skew=True), key=_KEY,
+                           prune_configs_by={"early_config_prune": _pruner(32, _DKDV_SHAPES_LARGE_D,
+                                                                           bias_limit=True)})(_dkdv_kernel)
+    dq = triton.autotune(_configs(_DQ_SHAPES, _DQ_SHAPES_LARGE_D), key=_KEY,
+                         prune_configs_by={"early_config_prune": _pruner(64, _DQ_SHAPES_LARGE_D)})(_dq_kernel)
     return fwd, dkdv, dq
+
+
+_JIT = {"fwd": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}
+
+
+def _fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tuple[int, int], q_bucket: int):
+    """(BLOCK_M, BLOCK_N, warps, stages) used without autotuning (the interpreter: its small tiles)."""
+    if _INTERPRET:
+        return (*_INTERPRET_BLOCKS, 4, 1)
+    return _gpu_fixed_shape(kernel, dtype, d_pad, capability, q_bucket)
+
+
+def _gpu_fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tuple[int, int], q_bucket: int):
+    """One config per (kernel, dtype, head dim, capability), sized to fit fp32 at the head dim in an A100's
+    shared memory (164 KB)."""
+    if d_pad <= 128:
+        shape = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}[kernel]
+    else:
+        shape = {"fwd": (32, 32, 4, 2), "dkdv": (16, 32, 8, 1), "dq": (32, 32, 4, 2)}[kernel]
+    if kernel != "dkdv" and q_bucket <= 16:  # attention pooling: 16-row blocks instead of mostly empty ones
+        shape = (16, *shape[1:])
+    if dtype == torch.float32 and d_pad > 128:
+        shape = (*shape[:3], 1)  # fp32 K/V tiles of 256 columns: one stage fits the shared memory
+    if capability < (8, 0):  # no cp.async before Ampere: software pipelining only costs shared memory
+        shape = (*shape[:3], 1)
+    return shape
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
+def _autotuning() -> bool:
+    """Autotune unless in deterministic mode (autotuning picks tiles by timing, and tiles change the summation
+    order: two processes could differ in bits) or switched off (VLCORE_ATTENTION_AUTOTUNE=0)."""
+    return not deterministic() and os.environ.get("VLCORE_ATTENTION_AUTOTUNE", "1") != "0"
+
+
+def _kernel(name: str, meta: dict, dtype: torch.dtype, device: torch.device):
+    """(launchable, config kwargs) for kernel ``name``: the autotuned handle, or the plain jit function with its
+    fixed config (then the config is passed at launch)."""
+    if _autotuning():
+        return _tuned()[("fwd", "dkdv", "dq").index(name)], {}
+    bm, bn, warps, stages = _fixed_shape(name, dtype, meta["D_PAD"], _capability(device), meta["Q_BUCKET"])
+    return _JIT[name], _config(bm, bn, warps, stages, skew=name == "dkdv").all_kwargs()
 
 
 # ---- launchers -----------------------------------------------------------------------------------------
@@ -519,10 +602,19 @@ def _common(q, k, prefix_lens, kv_lens, causal, table, grid, start):
     meta = dict(N_BUCKET=_seq_bucket(max(q.shape[1], nk)), Q_BUCKET=q_bucket, HEAD_DIM=dim, D_PAD=d_pad,
                 CAUSAL=bool(causal or prefix_lens is not None), HAS_PREFIX=prefix_lens is not None,
                 HAS_KVLEN=kv_lens is not None, HAS_BIAS=has_bias,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                # fp32: TF32 only when the user opted in through torch (16-bit operands ignore it)
+                DOT_PRECISION=fp32_dot_precision(_INTERPRET) if q.dtype == torch.float32 else "tf32")
     tab = table if has_bias else k.new_empty(0)
     tab_strides = (table.stride(0), table.stride(1)) if has_bias else (0, 0)
     return meta, lens(prefix_lens), lens(kv_lens), tab, tab_strides, (gh, gw, int(start))
+
+
+def _grid(name, device, n, block, programs_per_block, *rest):
+    """Launch grid (blocks of ``n`` rows × ``programs_per_block``, *rest) checked against CUDA's limits; ``block``
+    is a meta-parameter name (autotuned) or an int. Axis 0 holds the large product (see _block_and_head)."""
+    if isinstance(block, int):
+        return checked_grid(name, (triton.cdiv(n, block) * programs_per_block, *rest), device)
+    return checked_grid(name, lambda m: (triton.cdiv(n, m[block]) * programs_per_block, *rest), device)
 
 
 def _q_strides(q, batch):
@@ -542,6 +634,14 @@ def _batch_chunks(batch: int, nq: int, heads: int, device: torch.device) -> tupl
     else:
         wanted = max(1, 2 * _sm_count(device.index or 0) // (triton.cdiv(nq, 64) * heads))
     chunk = triton.cdiv(batch, min(batch, wanted))
+    return chunk, triton.cdiv(batch, chunk)
+
+
+def _dtable_chunks(batch: int, key_blocks: int) -> tuple[int, int]:
+    """(samples per chunk, chunks) for the dK/dV kernel with a rel-pos table: a program runs a chunk of samples
+    one after the other so that the dtable buffer has chunks·key_blocks <= max(B, key_blocks) rows per head
+    (at B 64, H 16, Nk 640 and a 24×24 grid: 9 MB instead of 181 MB per layer), with about B·H programs."""
+    chunk = triton.cdiv(batch, max(1, batch // key_blocks))
     return chunk, triton.cdiv(batch, chunk)
 
 
@@ -574,10 +674,11 @@ def attention_fwd(q, k, v, causal=False, prefix_lens=None, kv_lens=None, table=N
     else:  # per-split normalised outputs and lse, merged below
         out = torch.empty((splits, batch, nq, heads, dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((splits, batch, heads, nq), dtype=torch.float32, device=q.device)
-    fwd, _, _ = _tuned()
-    launch = lambda m: (triton.cdiv(nq, m["BLOCK_M"]), batch * heads, splits)
-    fwd[launch](q, k, v, out, lse, plens, klens, tab, *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3],
-                *out.stride()[:4], lse.stride(0), *tstr, heads, nq, nk, splits, scale * LOG2E, gh, gw, s, **meta)
+    fwd, config = _kernel("fwd", meta, q.dtype, q.device)
+    with launch_context("attention.fwd", q):
+        fwd[_grid("attention.fwd", q.device, nq, "BLOCK_M", batch * heads, splits)](
+            q, k, v, out, lse, plens, klens, tab, *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3],
+            *out.stride()[:4], lse.stride(0), *tstr, heads, nq, nk, splits, scale * LOG2E, gh, gw, s, **meta, **config)
     if splits == 1:
         return out[0], lse[0]
     # merge the splits (fixed order: deterministic): lse = log Σ_s e^{lse_s}, out = Σ_s e^{lse_s − lse}·out_s;
@@ -585,7 +686,7 @@ def attention_fwd(q, k, v, causal=False, prefix_lens=None, kv_lens=None, table=N
     total = torch.logsumexp(lse, dim=0)
     weight = torch.exp(lse - total).nan_to_num_(0.0)
     merged = (weight.permute(0, 1, 3, 2).unsqueeze(-1) * out).sum(0)
-    return merged.to(q.dtype), total
+    return merged.to(q.dtype).contiguous(), total
 
 
 def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_lens=None, table=None, grid=None,
@@ -595,48 +696,143 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
     nq = q.shape[1]
     scale = dim ** -0.5 if scale is None else scale
     if batch * nq * nk * heads == 0:
-        dtable = None if table is None else torch.zeros_like(table)
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dtable
+        zeros = lambda t: torch.zeros(t.shape, dtype=t.dtype, device=t.device)  # contiguous, whatever t's strides
+        return zeros(q), zeros(k), zeros(v), None if table is None else zeros(table)
     meta, plens, klens, tab, tstr, (gh, gw, s) = _common(q, k, prefix_lens, kv_lens, causal, table, grid, start)
     delta = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
-    d_blk = 64 if not _INTERPRET else 32
-    _delta_kernel[(triton.cdiv(nq, d_blk), batch * heads)](
-        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, nq, HEAD_DIM=dim, D_PAD=meta["D_PAD"],
-        BLOCK_M=d_blk)
+    d_blk = _DELTA_BLOCK if not _INTERPRET else 32
+    with launch_context("attention.delta", q):
+        _delta_kernel[_grid("attention.delta", q.device, nq, d_blk, batch * heads)](
+            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, nq, HEAD_DIM=dim, D_PAD=meta["D_PAD"],
+            BLOCK_M=d_blk)
 
-    _, dkdv_kernel, dq_kernel = _tuned()
-    # gradients take their input's layout (as the registered op's fake does); the kernels take any strides
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dkdv_kernel, dkdv_config = _kernel("dkdv", meta, q.dtype, q.device)
+    dq_kernel, dq_config = _kernel("dq", meta, q.dtype, q.device)
+    # contiguous gradients whatever the input strides, as the registered op's fake promises (inductor checks the
+    # strides: empty_like would copy a permuted layout); the kernels take any strides
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     table_size = table.shape[0] if table is not None else 0
-    # (programs, table) partial sums of dtable (each program zeroes its row); sized for the smallest BLOCK_N
-    max_key_blocks = triton.cdiv(nk, min(c.kwargs["BLOCK_N"] for c in dkdv_kernel.configs))
-    dtab = torch.empty((batch * heads * max_key_blocks, table_size) if table is not None else (0,),
+    # (programs, table) fp32 partial sums of dtable, one row per (key block, chunk of samples, head); each program
+    # zeroes its row. Sized for the smallest BLOCK_N the launch may pick.
+    block_n = dkdv_config["BLOCK_N"] if dkdv_config else min(c.kwargs["BLOCK_N"] for c in dkdv_kernel.configs)
+    max_key_blocks = triton.cdiv(nk, block_n)
+    dkdv_chunk, dkdv_chunks = _dtable_chunks(batch, max_key_blocks) if table is not None else (1, batch)
+    dtab = torch.empty((dkdv_chunks * heads * max_key_blocks, table_size) if table is not None else (0,),
                        dtype=torch.float32, device=q.device)
     used_blocks = {}
 
-    def dkdv_grid(m):
+    def key_blocks(m):  # remembers the autotuned BLOCK_N: it sizes the used part of the dtable buffer
         used_blocks["n"] = triton.cdiv(nk, m["BLOCK_N"])
-        return (used_blocks["n"], batch * heads)
+        return used_blocks["n"]
 
-    dkdv_kernel[dkdv_grid](q, k, v, dout, lse, delta, dk, dv, plens, klens, tab, dtab,
-                           *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
-                           *dk.stride()[:3], *dv.stride()[:3], *tstr, heads, nq, nk, scale * LOG2E, scale,
-                           gh, gw, s, table_size, **meta)
+    dkdv_grid = checked_grid("attention.dkdv", lambda m: (key_blocks(m) * dkdv_chunks * heads,), q.device)
+    with launch_context("attention.dkdv", q):
+        dkdv_kernel[dkdv_grid](q, k, v, dout, lse, delta, dk, dv, plens, klens, tab, dtab,
+                               *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
+                               *dk.stride()[:3], *dv.stride()[:3], *tstr, heads, nq, nk, batch, dkdv_chunk,
+                               scale * LOG2E, scale, gh, gw, s, table_size, **meta, **dkdv_config)
     chunk, n_chunks = (_batch_chunks(batch, nq, heads, q.device) if q.shape[0] != batch else (1, batch))
     dq_out = dq if n_chunks == q.shape[0] else torch.empty((n_chunks, *q.shape[1:]), dtype=torch.float32,
                                                              device=q.device)
-    dq_kernel[lambda m: (triton.cdiv(nq, m["BLOCK_M"]), n_chunks * heads)](
-        q, k, v, dout, lse, delta, dq_out, plens, klens, tab, *_q_strides(q, batch), *k.stride()[:3],
-        *v.stride()[:3], *dout.stride()[:3], *dq_out.stride()[:3], *tstr, heads, nq, nk, batch, chunk,
-        scale * LOG2E, scale, gh, gw, s, **meta)
+    with launch_context("attention.dq", q):
+        dq_kernel[_grid("attention.dq", q.device, nq, "BLOCK_M", n_chunks * heads)](
+            q, k, v, dout, lse, delta, dq_out, plens, klens, tab, *_q_strides(q, batch), *k.stride()[:3],
+            *v.stride()[:3], *dout.stride()[:3], *dq_out.stride()[:3], *tstr, heads, nq, nk, batch, chunk,
+            scale * LOG2E, scale, gh, gw, s, **meta, **dq_config)
     if dq_out is not dq:
         dq.copy_(dq_out.sum(0, keepdim=True))  # fixed-order reduction over the chunks: deterministic
     dtable = None
     if table is not None:
         n_used = used_blocks["n"]
-        parts = dtab[: batch * heads * n_used].view(batch, heads, n_used, table_size)
-        dtable = parts.sum(dim=(0, 2)).t().to(table.dtype)  # fixed-order reduction: deterministic
+        parts = dtab[: dkdv_chunks * heads * n_used].view(dkdv_chunks, heads, n_used, table_size)
+        # fixed-order reduction: deterministic; (H, T) summed, returned as a contiguous (T, H) like the fake
+        dtable = parts.sum(dim=(0, 2)).t().to(table.dtype).contiguous()
     return dq, dk, dv, dtable
+
+
+# ---- static resource report: every config the launchers may choose ---------------------------------------
+
+_TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_IN_DTYPE_PTRS = ("Q", "K", "V", "Out", "Table", "DOut", "DK", "DV", "DQ")  # in the input dtype
+_FP32_PTRS = ("Lse", "Delta", "DTab")
+_INT_PTRS = ("PrefixLens", "KvLens")
+_FLOAT_ARGS = ("qk_scale", "scale")
+_DELTA_BLOCK = 64  # _delta_kernel's rows per program on a GPU
+
+
+def kernel_signature(fn, dtype: torch.dtype, constexprs) -> dict[str, str]:
+    """Triton signature of one of this module's kernels for inputs of ``dtype`` (as a real launch has it).
+    The split-K forward writes fp32 partial outputs; the report uses the usual ``Out`` in the input dtype."""
+    def kind(name):
+        if name in constexprs:
+            return "constexpr"
+        if name in _IN_DTYPE_PTRS:
+            return "*" + _TYPE_NAMES[dtype]
+        if name in _FP32_PTRS:
+            return "*fp32"
+        if name in _INT_PTRS:
+            return "*i32"
+        return "fp32" if name in _FLOAT_ARGS else "i32"  # sizes, strides, grid, bucket ints
+
+    return {name: kind(name) for name in fn.arg_names}
+
+
+def _divisible(fn) -> tuple[str, ...]:
+    """Arguments a real launch sees as multiples of 16: every pointer (torch allocations are 256-byte aligned)
+    and the row/batch/head strides of (B, N, H, D) tensors whose D is a multiple of 16 (the report's head dims)."""
+    strides = ("stride_qb", "stride_qn", "stride_qh", "stride_kb", "stride_kn", "stride_kh", "stride_vb",
+               "stride_vn", "stride_vh", "stride_ob", "stride_on", "stride_oh", "stride_db", "stride_dn", "stride_dh",
+               "stride_dkb", "stride_dkn", "stride_dkh", "stride_dvb", "stride_dvn", "stride_dvh", "stride_dqb",
+               "stride_dqn", "stride_dqh", "stride_os")
+    pointers = _IN_DTYPE_PTRS + _FP32_PTRS + _INT_PTRS
+    return tuple(name for name in fn.arg_names if name in pointers or name in strides)
+
+
+_REPORT_FLAGS = ("", "causal", "prefix,kvlen,bias")
+_REPORT_DIMS = (64, 128, 256)
+
+
+def _flag_meta(dim: int, dtype: torch.dtype, flags: str) -> dict:
+    on = set(filter(None, flags.split(",")))
+    return dict(HEAD_DIM=dim, D_PAD=max(16, triton.next_power_of_2(dim)), CAUSAL="causal" in on or "prefix" in on,
+                HAS_PREFIX="prefix" in on, HAS_KVLEN="kvlen" in on, HAS_BIAS="bias" in on,
+                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def static_variants() -> list[KernelVariant]:
+    """Every (kernel, dtype, head dim, flags, config) the launchers may launch on sm_90 / sm_80: the autotune
+    configs the pruner keeps for many queries (Q_BUCKET 128) and, marked ``default``, the fixed config of the
+    deterministic mode per target capability; the Δ kernel has one config. Head dims 64, 128 and 256."""
+    variants = []
+    lists = {"fwd": (_FWD_SHAPES, _FWD_SHAPES_LARGE_D, _pruner(64, _FWD_SHAPES_LARGE_D)),
+             "dkdv": (_DKDV_SHAPES, _DKDV_SHAPES_LARGE_D, _pruner(32, _DKDV_SHAPES_LARGE_D, bias_limit=True)),
+             "dq": (_DQ_SHAPES, _DQ_SHAPES_LARGE_D, _pruner(64, _DQ_SHAPES_LARGE_D))}
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for dim in _REPORT_DIMS:
+            for flags in _REPORT_FLAGS:
+                meta = _flag_meta(dim, dtype, flags)
+                for name, (shapes, large, prune) in lists.items():
+                    fn = _JIT[name]
+                    configs = [_config(*shape, skew=name == "dkdv")
+                               for shape in dict.fromkeys(list(shapes) + list(large))]
+                    tuned = prune(configs, {}, Q_BUCKET=128, **meta)
+                    fixed = {cap: _config(*_gpu_fixed_shape(name, dtype, meta["D_PAD"], (cap // 10, cap % 10), 128),
+                                          skew=name == "dkdv") for cap in (90, 80)}
+                    entries = [(c, False, (90, 80)) for c in tuned]
+                    entries += [(c, True, (cap,)) for cap, c in fixed.items()]
+                    for config, default, targets in entries:
+                        constexprs = dict(meta, **config.kwargs)
+                        variants.append(KernelVariant(
+                            kernel=f"attention.{name}", fn=fn, signature=kernel_signature(fn, dtype, constexprs),
+                            constexprs=constexprs, num_warps=config.num_warps, num_stages=config.num_stages,
+                            dtype=_TYPE_NAMES[dtype], dim=dim, flags=flags, default=default,
+                            divisible=_divisible(fn), targets=targets))
+            constexprs = dict(HEAD_DIM=dim, D_PAD=max(16, triton.next_power_of_2(dim)), BLOCK_M=_DELTA_BLOCK)
+            variants.append(KernelVariant(
+                kernel="attention.delta", fn=_delta_kernel, signature=kernel_signature(_delta_kernel, dtype, constexprs),
+                constexprs=constexprs, num_warps=4, num_stages=3, dtype=_TYPE_NAMES[dtype], dim=dim, default=True,
+                divisible=_divisible(_delta_kernel)))
+    return variants
 
 
 # ---- backend object for vlcore.ops.attention -----------------------------------------------------------
@@ -649,4 +845,4 @@ def backward(dout, q, k, v, out, lse, causal, prefix_lens, kv_lens, table, grid,
     return attention_bwd(dout, q, k, v, out, lse, causal, prefix_lens, kv_lens, table, grid, start, scale)
 
 
-__all__ = ["attention_fwd", "attention_bwd", "forward", "backward", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["attention_fwd", "attention_bwd", "forward", "backward", "static_variants", "SUPPORTED_HEAD_DIMS"]

@@ -21,19 +21,22 @@ Single-process InfoNCE (no ranks: the text→image logits are the transpose of t
 kernel: G_ij = d_i·(e^{l_ij − lse_i} − δ_ij) + d'_j·(e^{l_ij − lse'_j} − δ_ij) serves both directions from one
 recomputed tile, so the backward is two launches (image rows, text rows) instead of four.
 
-No float atomics: the results are bitwise deterministic. fp16/bf16 logits use the tensor cores with fp32
-accumulation; fp32 inputs use IEEE fp32 products (as torch's default matmul). The gradient matmuls take G in
+No float atomics and no autotuning: every launch uses the fixed config of :func:`_config` (a function of dtype,
+D and the dot precision only), so the results are bitwise reproducible across processes and runs on the same GPU
+model and software — the deterministic mode (:func:`vlcore.kernels._launch.deterministic`) changes nothing here. fp16/bf16 logits use the tensor cores with fp32
+accumulation; fp32 inputs use IEEE fp32 products (as torch's default matmul; TF32 on torch's opt-in). The gradient matmuls take G in
 fp32 (TF32 products for fp16/bf16 inputs: a 16-bit G would underflow — its entries are ~1/B — and lose precision).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
+from vlcore.kernels._launch import KernelVariant, checked_grid, fp32_dot_precision, launch_context
+from vlcore.kernels._variants import make_variant
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -216,13 +219,13 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(triton.next_power_of_2(max(n, 1)), hi))
 
 
-def _config(dim: int, dtype: torch.dtype, precision: str) -> tuple[dict, dict]:
+def _config(dim: int, dtype: torch.dtype, precision: str, interpret: bool | None = None) -> tuple[dict, dict]:
     """(forward, backward) tile sizes and launch options. The gradient accumulator holds BLOCK_D columns of D;
     larger D is split over programs that recompute the logits. GPU sizes were chosen from ptxas reports
     (sm_80 and sm_90, triton 3.9: no or negligible register spills); IEEE fp32 dots run on FMA units and need
     small tiles. Under the interpreter the cost is per program and op: large tiles, and BLOCK_D = 128 so that
     the tests cover the D split."""
-    if _INTERPRET:
+    if _INTERPRET if interpret is None else interpret:
         tiles = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": _pow2(dim, 16, 64)}
         return dict(tiles, num_warps=4, num_stages=1), dict(tiles, BLOCK_D=_pow2(dim, 16, 128), num_warps=4,
                                                              num_stages=1)
@@ -243,8 +246,7 @@ def _precisions(dtype: torch.dtype) -> tuple[str, str]:
     """(logits, gradient) dot precisions. fp32 inputs follow torch's matmul setting: IEEE by default (as torch's
     fp32 matmul), TF32 after torch.set_float32_matmul_precision("high"/"medium") or allow_tf32 = True."""
     if dtype == torch.float32:
-        fast = torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32
-        mode = "tf32" if fast and not _INTERPRET else "ieee"
+        mode = fp32_dot_precision(_INTERPRET)
         return mode, mode
     return "ieee", "tf32"  # 16-bit logits use the tensor cores whatever the flag says
 
@@ -255,9 +257,9 @@ def _bias_arg(scale: torch.Tensor, bias: torch.Tensor | None, siglip: bool) -> t
     return bias
 
 
-def _device_guard(t: torch.Tensor):
-    """Launch on the tensors' GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+def row_grid(n_rows: int, dim: int, cfg: dict, block: str = "BLOCK_M") -> tuple[int, int]:
+    """(row or column blocks on axis 0 — CUDA allows 2^31 - 1 there —, D chunks on axis 1: a few for any real D)."""
+    return triton.cdiv(n_rows, cfg[block]), triton.cdiv(dim, cfg.get("BLOCK_D", dim))
 
 
 def contrastive_fwd(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, offset: int,
@@ -270,8 +272,8 @@ def contrastive_fwd(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias:
     lse = torch.empty(0 if siglip else n_rows, dtype=torch.float32, device=x.device)
     precision, _ = _precisions(x.dtype)
     cfg, _ = _config(dim, x.dtype, precision)
-    grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]),)
-    with _device_guard(x):
+    grid = checked_grid("contrastive.fwd", row_grid(n_rows, dim, cfg)[:1], x.device)
+    with launch_context("contrastive.fwd", x):
         _fwd_kernel[grid](x, y, scale, _bias_arg(scale, bias, siglip), rows, lse if not siglip else rows, n_rows,
                           n_cols, dim, offset, x.stride(0), x.stride(1), y.stride(0), y.stride(1), SIGLIP=siglip,
                           PRECISION=precision, **cfg)
@@ -289,17 +291,18 @@ def contrastive_bwd(drow: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scale:
     dy = torch.empty((n_cols, dim), dtype=y.dtype, device=y.device)
     precision, grad_precision = _precisions(x.dtype)
     _, cfg = _config(dim, x.dtype, precision)
-    row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
-    d_blocks = triton.cdiv(dim, cfg["BLOCK_D"])
+    dx_grid = checked_grid("contrastive.bwd_dx", row_grid(n_rows, dim, cfg), x.device)
+    dy_grid = checked_grid("contrastive.bwd_dy", row_grid(n_cols, dim, cfg, "BLOCK_N"), x.device)
+    row_blocks = dx_grid[0]
     partial = torch.empty(2 * row_blocks, dtype=torch.float32, device=x.device)
     lse_arg = drow if siglip else lse
     common = dict(SIGLIP=siglip, PRECISION=precision, GRAD_PRECISION=grad_precision, **cfg)
     bias_arg = _bias_arg(scale, bias, siglip)
-    with _device_guard(x):
-        _bwd_dx_kernel[(row_blocks, d_blocks)](
+    with launch_context("contrastive.bwd", x):
+        _bwd_dx_kernel[dx_grid](
             x, y, scale, bias_arg, lse_arg, drow, dx, partial, n_rows, n_cols, dim, offset,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), dx.stride(0), row_blocks, **common)
-        _bwd_dy_kernel[(triton.cdiv(n_cols, cfg["BLOCK_N"]), d_blocks)](
+        _bwd_dy_kernel[dy_grid](
             x, y, scale, bias_arg, lse_arg, drow, dy, n_rows, n_cols, dim, offset,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), dy.stride(0), **common)
     sums = partial.view(2, row_blocks).sum(dim=1)
@@ -317,11 +320,11 @@ def infonce_pair_bwd(d_img: torch.Tensor, d_txt: torch.Tensor, img: torch.Tensor
     precision, grad_precision = _precisions(img.dtype)
     _, cfg = _config(dim, img.dtype, precision)
     cfg = {k: v for k, v in cfg.items() if k != "SIGLIP"}
-    row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
-    grid = (row_blocks, triton.cdiv(dim, cfg["BLOCK_D"]))
+    grid = checked_grid("contrastive.bwd_pair", row_grid(n, dim, cfg), img.device)
+    row_blocks = grid[0]
     partial = torch.empty(2 * row_blocks, dtype=torch.float32, device=img.device)
     grads = []
-    with _device_guard(img):
+    with launch_context("contrastive.bwd_pair", img):
         for i, (x, y, lse_r, lse_c, dr, dc) in enumerate(((img, txt, lse_img, lse_txt, d_img, d_txt),
                                                            (txt, img, lse_txt, lse_img, d_txt, d_img))):
             dx = torch.empty((n, dim), dtype=x.dtype, device=x.device)
@@ -331,3 +334,50 @@ def infonce_pair_bwd(d_img: torch.Tensor, d_txt: torch.Tensor, img: torch.Tensor
             grads.append(dx)
     # each launch sums dscale over the whole (B, B) tile grid; they differ only by rounding: keep the first
     return grads[0], grads[1], partial[:row_blocks].sum()
+
+
+# ---- every GPU config, for the static resource report (benchmarks/kernel_resources.py) -----------------------
+
+_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_SIZES = ("n_rows", "n_cols", "dim", "offset", "sx0", "sx1", "sy0", "sy1")
+# what a real launch sees as multiples of 16: the tensors' pointers, D and the row strides (for D % 16 == 0);
+# not the batch sizes, the offset nor the unit column strides
+_ALIGNED = ("x_ptr", "y_ptr", "dx_ptr", "dy_ptr", "lse_ptr", "lse_row_ptr", "lse_col_ptr", "drow_ptr", "dcol_ptr",
+              "rows_out_ptr", "lse_out_ptr", "dim", "sx0", "sy0", "sdx0", "sdy0")
+
+
+def static_variants(dims=(256, 512, 768, 1024)) -> list[KernelVariant]:
+    """Every (kernel, dtype, D, flags) config a GPU launch uses — there is no autotuning, so each is also the
+    deterministic default — with the signature a real launch has."""
+    variants = []
+    for dtype, precisions in ((torch.bfloat16, ("ieee",)), (torch.float16, ("ieee",)),
+                              (torch.float32, ("ieee", "tf32"))):
+        ptr = "*" + _TYPES[dtype]
+        for precision in precisions:
+            grad_precision = "tf32" if dtype != torch.float32 else precision
+            for dim in dims:
+                fwd_cfg, bwd_cfg = _config(dim, dtype, precision, interpret=False)
+                for kind in ("infonce", "siglip"):
+                    flags = kind + (",tf32" if dtype == torch.float32 and precision == "tf32" else "")
+                    common = {"x_ptr": ptr, "y_ptr": ptr, "scale_ptr": "*fp32", "bias_ptr": "*fp32"}
+                    sizes = {n: "i32" for n in _SIZES}
+                    kernels = [
+                        ("contrastive.fwd", _fwd_kernel, fwd_cfg,
+                         {**common, "rows_out_ptr": "*fp32", "lse_out_ptr": "*fp32", **sizes}),
+                        ("contrastive.bwd_dx", _bwd_dx_kernel, bwd_cfg,
+                         {**common, "lse_ptr": "*fp32", "drow_ptr": "*fp32", "dx_ptr": ptr, "partial_ptr": "*fp32",
+                          **sizes, "sdx0": "i32", "n_row_blocks": "i32"}),
+                        ("contrastive.bwd_dy", _bwd_dy_kernel, bwd_cfg,
+                         {**common, "lse_ptr": "*fp32", "drow_ptr": "*fp32", "dy_ptr": ptr, **sizes, "sdy0": "i32"}),
+                    ]
+                    consts = {"SIGLIP": kind == "siglip", "PRECISION": precision, "GRAD_PRECISION": grad_precision}
+                    if kind == "infonce":
+                        kernels.append(("contrastive.bwd_pair", _bwd_pair_kernel, bwd_cfg,
+                                        {"x_ptr": ptr, "y_ptr": ptr, "scale_ptr": "*fp32", "lse_row_ptr": "*fp32",
+                                         "lse_col_ptr": "*fp32", "drow_ptr": "*fp32", "dcol_ptr": "*fp32",
+                                         "dx_ptr": ptr, "partial_ptr": "*fp32", "n": "i32", "dim": "i32",
+                                         "sx0": "i32", "sx1": "i32", "sy0": "i32", "sy1": "i32", "sdx0": "i32"}))
+                    for name, fn, cfg, signature in kernels:
+                        variants.append(make_variant(name, fn, cfg, signature, consts, dtype=_TYPES[dtype], dim=dim,
+                                                     flags=flags, default=True, aligned=_ALIGNED))
+    return variants

@@ -5,13 +5,18 @@ Nearest entry (semantics: :mod:`vlcore.reference.vq`). One program owns BLOCK_N 
 BLOCK_K tiles, each a tensor-core dot over D chunks with fp32 accumulation, keeping a running (best, index):
 
     s_ij = ||e_j||^2 - 2 x_i.e_j      (||e||^2 precomputed once per call, fp32)
-    h_i  = argmin_j s_ij               (tl.argmin breaks ties to the lowest index inside a tile; a later tile
-                                        replaces the best only when strictly smaller, so ties go to the lowest j)
-    d_i  = max(s_ih + ||x_i||^2, 0)
+    h_i  = argmin_j s_ij               (torch.argmin's order: NaN below every number, ties to the lowest index
+                                        inside a tile; a later tile replaces the best only when strictly
+                                        better, so ties go to the lowest j and the first NaN wins)
+    d_i  = max(s_ih + ||x_i||^2, 0)    (NaN stays NaN, as torch's clamp_min)
+
+Duplicate entries then map to their first copy (:func:`vlcore.reference.vq.first_identical`), so they go to the
+lowest index whatever the dot rounds per column.
 
 * l2 with fp16/bf16 x: the codebook is cast once to x's dtype (the reference's semantics), so the products are
   exact and the dot runs on the tensor cores with fp32 accumulation.
-* fp32 x, and cosine: fp32 operands with IEEE fp32 products (as torch's default matmul). For cosine the codebook
+* fp32 x, and cosine: fp32 operands with IEEE fp32 products (as torch's default matmul; TF32 when the user opted in
+  through torch's flags, as torch's matmul then does). For cosine the codebook
   is normalised once per call (as F.normalize); rows are normalised on the fly: x^.e^ = (x.e^) / max(||x||, eps).
 
 Statistics (counts and sums per entry, fp32): the rows are ordered by entry (stable sort) and one program per
@@ -23,6 +28,10 @@ holding the largest entry.)
 Momentum update (SOHO): n <- g n + (1-g) counts; m <- g m + (1-g) sums; n~ = (n + eps)/(sum n + K eps) sum n;
 e = m / n~ (left unchanged where n~ = 0). The K counts and their sum go through torch (K values); one kernel
 then updates sums and codebook over K x D reading the total from device memory (no host sync).
+
+Determinism: statistics and the momentum step use fixed configs (bitwise reproducible anywhere on the same GPU
+model and software). The nearest search is autotuned, except in deterministic mode
+(:func:`vlcore.kernels._launch.deterministic`), where it uses :func:`default_nearest_config`.
 """
 
 from __future__ import annotations
@@ -33,10 +42,28 @@ import os
 import torch
 import triton
 import triton.language as tl
+from vlcore.kernels._launch import (
+    KernelVariant,
+    checked_grid,
+    deterministic,
+    fp32_dot_precision,
+    launch_context,
+)
+from vlcore.kernels._variants import make_variant
 
 from vlcore.reference import vq as ref
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _argmin_combine(v1, i1, v2, i2):
+    """torch.argmin's order as a reduction: a NaN before every number, then the smaller value, then the lower
+    index (tl.argmin's comparisons are false for NaN, so it would skip a NaN score)."""
+    nan1 = v1 != v1
+    nan2 = v2 != v2
+    take1 = (nan1 & ~nan2) | (v1 < v2) | (((v1 == v2) | (nan1 & nan2)) & (i1 < i2))
+    return tl.where(take1, v1, v2), tl.where(take1, i1, i2)
 
 
 @triton.jit
@@ -75,13 +102,15 @@ def _nearest_kernel(x_ptr, e_ptr, e_sq_ptr, idx_ptr, dist_ptr, n_rows, n_codes, 
             acc = acc * scale[:, None]
         scores = e_sq[None, :] - 2.0 * acc
         scores = tl.where(col_ok[None, :], scores, float("inf"))
-        tile_best = tl.min(scores, axis=1)
-        tile_idx = tl.argmin(scores, axis=1) + k0
-        better = tile_best < best  # strict: an equal later tile keeps the lower index
+        col_ids = tl.broadcast_to(cols[None, :], (BLOCK_N, BLOCK_K))
+        tile_best, tile_idx = tl.reduce((scores, col_ids), 1, _argmin_combine)
+        # strict: an equal later tile keeps the lower index; a NaN replaces only a number (the first NaN wins)
+        better = (tile_best < best) | ((tile_best != tile_best) & (best == best))
         best_idx = tl.where(better, tile_idx, best_idx)
         best = tl.where(better, tile_best, best)
+    dist = best + x_sq
     tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_ok)
-    tl.store(dist_ptr + rows, tl.maximum(best + x_sq, 0.0), mask=row_ok)
+    tl.store(dist_ptr + rows, tl.where(dist < 0.0, 0.0, dist), mask=row_ok)  # clamp at 0, NaN stays NaN
 
 
 @triton.jit
@@ -139,24 +168,61 @@ def _ema_kernel(codebook_ptr, ema_counts_ptr, ema_sums_ptr, packed_ptr, total_pt
 # ---- launchers -----------------------------------------------------------------------------------------
 
 def _precision(dtype: torch.dtype) -> str:
-    """IEEE fp32 products for fp32 operands (as torch's default matmul); 16-bit operands use the tensor cores."""
+    """The distance dot's precision: fp32 operands follow torch's matmul setting (IEEE by default, TF32 after
+    ``torch.set_float32_matmul_precision("high")`` or ``allow_tf32``); 16-bit operands use the tensor cores."""
+    return fp32_dot_precision(_INTERPRET) if dtype == torch.float32 else "tf32"
+
+
+def _sum_precision(dtype: torch.dtype) -> str:
+    """The statistics' one-hot dot adds features: IEEE for fp32 always (a sum, not a matmul of the user's)."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
 # Autotuned on GPU (tile shapes differ for tensor-core and IEEE fp32 dots); under the interpreter one fixed
 # config of few, large numpy ops (the interpreter's cost is per operation; a single config is never benchmarked).
+# (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages)
 _LOWP_CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 4),
                  (64, 64, 64, 4, 4)]
 _FP32_CONFIGS = [(64, 64, 32, 4, 3), (32, 64, 32, 4, 2), (64, 32, 32, 4, 3), (64, 64, 16, 4, 4)]
+_INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, num_warps=4)
+
+
+def _as_config(bn: int, bk: int, bd: int, warps: int, stages: int) -> dict:
+    return dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+
+
+def default_nearest_config(tensor_cores: bool, dim: int, capability: tuple[int, int]) -> dict:
+    """The deterministic mode's config: one per (operand kind, D, device capability), never timed — the block
+    sizes fix the summation order of every distance, hence which of two near-equal entries wins. The same tiles
+    serve sm_80 and sm_90 today; BLOCK_D shrinks for small D (no wasted masked lanes)."""
+    del capability  # keyed by it so that a per-architecture choice stays fixed; none is needed yet
+    bn, bk, bd, warps, stages = _LOWP_CONFIGS[4] if tensor_cores else _FP32_CONFIGS[2]
+    return _as_config(bn, bk, min(bd, triton.next_power_of_2(max(dim, 16))), warps, stages)
 
 
 @functools.cache
-def _tuned_nearest(lowp: bool):
-    if _INTERPRET:
-        return _nearest_kernel, dict(BLOCK_N=32, BLOCK_K=64, BLOCK_D=32, num_warps=4)
+def _autotuned_nearest(tensor_cores: bool):
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=st)
-               for bn, bk, bd, w, st in (_LOWP_CONFIGS if lowp else _FP32_CONFIGS)]
-    return triton.autotune(configs, key=["n_codes", "dim", "COSINE"])(_nearest_kernel), {}
+               for bn, bk, bd, w, st in (_LOWP_CONFIGS if tensor_cores else _FP32_CONFIGS)]
+    return triton.autotune(configs, key=["n_codes", "dim", "COSINE"])(_nearest_kernel)
+
+
+def _capability(t: torch.Tensor) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else (0, 0)
+
+
+def _tuned_nearest(tensor_cores: bool, dim: int, device_tensor: torch.Tensor):
+    """(kernel, launch config): fixed under the interpreter and in deterministic mode, else autotuned."""
+    if _INTERPRET:
+        return _nearest_kernel, _INTERPRETER_CONFIG
+    if deterministic():
+        return _nearest_kernel, default_nearest_config(tensor_cores, dim, _capability(device_tensor))
+    return _autotuned_nearest(tensor_cores), {}
+
+
+def nearest_grid(n: int, meta: dict) -> tuple[int]:
+    """One program per BLOCK_N rows, on axis 0 (CUDA allows 2^31 - 1 there: N up to ~10^11 rows)."""
+    return (triton.cdiv(n, meta["BLOCK_N"]),)
 
 
 def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, distance: str = "l2") -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,11 +236,18 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, distance: str = "l2") ->
     dist = torch.empty(n, dtype=torch.float32, device=x.device)
     if n == 0:
         return idx, dist
-    kernel, cfg = _tuned_nearest(e.dtype != torch.float32)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
-    kernel[grid](x, e, e_sq, idx, dist, n, e.shape[0], dim, x.stride(0), e.stride(0),
-                 COSINE=distance == "cosine", NORM_EPS=ref.NORMALIZE_EPS, PRECISION=_precision(e.dtype), **cfg)
-    return idx, dist
+    precision = _precision(e.dtype)
+    kernel, cfg = _tuned_nearest(precision == "tf32", dim, x)  # tensor-core tiles for 16-bit operands and TF32
+    grid = checked_grid("vq.nearest", lambda meta: nearest_grid(n, meta), x.device)
+    with launch_context("vq.nearest", x):
+        kernel[grid](x, e, e_sq, idx, dist, n, e.shape[0], dim, x.stride(0), e.stride(0),
+                     COSINE=distance == "cosine", NORM_EPS=ref.NORMALIZE_EPS, PRECISION=precision, **cfg)
+    return ref.first_identical(e)[idx], dist
+
+
+def entry_grid(num_codes: int, dim: int, block_j: int, block_d: int) -> tuple[int, int]:
+    """(entry blocks on axis 0: K up to 2^31 - 1 blocks; D chunks on axis 1: at most a few for any real D)."""
+    return triton.cdiv(num_codes, block_j), triton.cdiv(dim, block_d)
 
 
 def vq_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> torch.Tensor:
@@ -187,9 +260,11 @@ def vq_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> tor
     sorted_idx, order, offsets = ref.sorted_segments(indices, num_codes)
     block_d = min(128, triton.next_power_of_2(max(dim, 16)))
     block_j, block_r = (32, 32) if _INTERPRET else (16, 64)
-    grid = (triton.cdiv(num_codes, block_j), triton.cdiv(dim, block_d))
-    _statistics_kernel[grid](x, order, sorted_idx, offsets, out, num_codes, dim, x.stride(0), out.stride(0),
-                             BLOCK_J=block_j, BLOCK_R=block_r, BLOCK_D=block_d, PRECISION=_precision(x.dtype), num_warps=4)
+    grid = checked_grid("vq.statistics", entry_grid(num_codes, dim, block_j, block_d), x.device)
+    with launch_context("vq.statistics", x):
+        _statistics_kernel[grid](x, order, sorted_idx, offsets, out, num_codes, dim, x.stride(0), out.stride(0),
+                                 BLOCK_J=block_j, BLOCK_R=block_r, BLOCK_D=block_d, PRECISION=_sum_precision(x.dtype),
+                                 num_warps=4)
     return out
 
 
@@ -203,9 +278,10 @@ def ema_update(codebook: torch.Tensor, ema_counts: torch.Tensor, ema_sums: torch
     packed = packed.float()
     total = ref.ema_counts_step(ema_counts, packed[:, dim], gamma)
     block_k, block_d = 32, min(128, triton.next_power_of_2(max(dim, 16)))
-    grid = (triton.cdiv(k, block_k), triton.cdiv(dim, block_d))
-    _ema_kernel[grid](codebook, ema_counts, ema_sums, packed, total, k, dim, packed.stride(0), float(gamma),
-                      float(eps), BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
+    grid = checked_grid("vq.ema", entry_grid(k, dim, block_k, block_d), codebook.device)
+    with launch_context("vq.ema", codebook):
+        _ema_kernel[grid](codebook, ema_counts, ema_sums, packed, total, k, dim, packed.stride(0), float(gamma),
+                          float(eps), BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
 
 
 class TritonBackend:
@@ -214,3 +290,52 @@ class TritonBackend:
     nearest = staticmethod(vq_nearest)
     statistics = staticmethod(vq_statistics)
     ema_update = staticmethod(ema_update)
+
+
+# ---- every GPU config, for the static resource report (benchmarks/kernel_resources.py) -----------------------
+
+_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# multiples of 16 in a real launch: the pointers, D and the row strides of x and the codebook (for D % 16 == 0);
+# not the packed statistics' row stride (D + 1)
+_ALIGNED = ("x_ptr", "e_ptr", "e_sq_ptr", "idx_ptr", "dist_ptr", "order_ptr", "sorted_idx_ptr", "offsets_ptr",
+            "out_ptr", "codebook_ptr", "ema_counts_ptr", "ema_sums_ptr", "packed_ptr", "dim", "sx", "se")
+
+
+def static_variants(dims=(256, 512, 768)) -> list[KernelVariant]:
+    """Every config a GPU launch may use — the nearest search's autotune lists and its deterministic default
+    (``default=True``), the fixed statistics and momentum-step configs — with the signature a real launch has."""
+    variants = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x_type = "*" + _TYPES[dtype]
+        for dim in dims:
+            for distance in ("l2", "cosine"):
+                # the codebook operand: x's 16-bit dtype for l2, fp32 (normalised) for cosine and fp32 x
+                e_type = x_type if distance == "l2" and dtype != torch.float32 else "*fp32"
+                for precision in (("ieee", "tf32") if e_type == "*fp32" else ("tf32",)):
+                    tensor_cores = precision == "tf32"
+                    signature = {"x_ptr": x_type, "e_ptr": e_type, "e_sq_ptr": "*fp32", "idx_ptr": "*i64",
+                                 "dist_ptr": "*fp32", "n_rows": "i32", "n_codes": "i32", "dim": "i32", "sx": "i32",
+                                 "se": "i32"}
+                    consts = {"COSINE": distance == "cosine", "NORM_EPS": ref.NORMALIZE_EPS, "PRECISION": precision}
+                    flags = distance + (",tf32" if e_type == "*fp32" and tensor_cores else "")
+                    default = default_nearest_config(tensor_cores, dim, (9, 0))
+                    tuned = [_as_config(*c) for c in (_LOWP_CONFIGS if tensor_cores else _FP32_CONFIGS)]
+                    for cfg in [default] + [c for c in tuned if c != default]:
+                        variants.append(make_variant("vq.nearest", _nearest_kernel, cfg, signature, consts,
+                                                     dtype=_TYPES[dtype], dim=dim, flags=flags,
+                                                     default=cfg is default, aligned=_ALIGNED))
+            block_d = min(128, triton.next_power_of_2(max(dim, 16)))
+            variants.append(make_variant(
+                "vq.statistics", _statistics_kernel, dict(BLOCK_J=16, BLOCK_R=64, BLOCK_D=block_d, num_warps=4),
+                {"x_ptr": x_type, "order_ptr": "*i64", "sorted_idx_ptr": "*i64", "offsets_ptr": "*i64",
+                 "out_ptr": "*fp32", "n_codes": "i32", "dim": "i32", "sx": "i32", "so": "i32"},
+                {"PRECISION": _sum_precision(dtype)}, dtype=_TYPES[dtype], dim=dim, flags="", default=True,
+                aligned=_ALIGNED))
+            if dtype == torch.float32:  # the dictionary's state is fp32 whatever the features' dtype
+                variants.append(make_variant(
+                    "vq.ema", _ema_kernel, dict(BLOCK_K=32, BLOCK_D=block_d, num_warps=4),
+                    {"codebook_ptr": "*fp32", "ema_counts_ptr": "*fp32", "ema_sums_ptr": "*fp32",
+                     "packed_ptr": "*fp32", "total_ptr": "*fp32", "n_codes": "i32", "dim": "i32", "sp": "i32",
+                     "gamma": "fp32", "eps": "fp32"}, {}, dtype="fp32", dim=dim, flags="", default=True,
+                    aligned=_ALIGNED))
+    return variants

@@ -18,47 +18,27 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from vlcore.kernels import attention as ka
 
-_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_TENSORS = ("Q", "K", "V", "Out", "Table", "DOut", "DK", "DV", "DQ")  # in the input dtype
-_FP32_PTRS = ("Lse", "Delta", "DTab")
-_INT_PTRS = ("PrefixLens", "KvLens")
-_FLOATS = ("qk_scale", "scale")
-
-
-def _signature(fn, dtype, constexprs):
-    def kind(name):
-        if name in constexprs:
-            return "constexpr"
-        if name in _TENSORS:
-            return "*" + _TYPES[dtype]
-        if name in _FP32_PTRS:
-            return "*fp32"
-        if name in _INT_PTRS:
-            return "*i32"
-        return "fp32" if name in _FLOATS else "i32"  # sizes, strides, grid and bucket ints
-
-    return {name: kind(name) for name in fn.arg_names}
-
 
 def compile_spec(cap: int, dtype: torch.dtype, head_dim: int, flags: set[str], all_configs: bool) -> list[str]:
-    meta = dict(HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)), CAUSAL="causal" in flags
-                or "prefix" in flags, HAS_PREFIX="prefix" in flags, HAS_KVLEN="kvlen" in flags,
-                HAS_BIAS="bias" in flags, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    meta = ka._flag_meta(head_dim, dtype, ",".join(flags))
     prune_args = {"Q_BUCKET": 128, "HAS_BIAS": meta["HAS_BIAS"]}
     done = []
-    for fn, shapes, skew, prune in ((ka._fwd_kernel, ka._FWD_SHAPES, False, ka._pruner(64)),
-                                    (ka._dq_kernel, ka._DQ_SHAPES, False, ka._pruner(64)),
-                                    (ka._dkdv_kernel, ka._DKDV_SHAPES, True, ka._pruner(32, bias_limit=True))):
-        configs = _configs(shapes, skew)
+    prune_args["D_PAD"] = meta["D_PAD"]
+    for fn, shapes, large, skew, prune in (
+            (ka._fwd_kernel, ka._FWD_SHAPES, ka._FWD_SHAPES_LARGE_D, False, ka._pruner(64, ka._FWD_SHAPES_LARGE_D)),
+            (ka._dq_kernel, ka._DQ_SHAPES, ka._DQ_SHAPES_LARGE_D, False, ka._pruner(64, ka._DQ_SHAPES_LARGE_D)),
+            (ka._dkdv_kernel, ka._DKDV_SHAPES, ka._DKDV_SHAPES_LARGE_D, True,
+             ka._pruner(32, ka._DKDV_SHAPES_LARGE_D, bias_limit=True))):
+        configs = _configs(list(dict.fromkeys(shapes + large)), skew)
         configs = prune(configs, {}, **prune_args)
         if not all_configs:
             configs = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
         for cfg in configs:
             constexprs = dict(meta, **cfg.kwargs)
-            src = ASTSource(fn, _signature(fn, dtype, constexprs), constexprs)
+            src = ASTSource(fn, ka.kernel_signature(fn, dtype, constexprs), constexprs)
             triton.compile(src, target=GPUTarget("cuda", cap, 32),
                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-            done.append(f"{fn.fn.__name__} sm_{cap} {_TYPES[dtype]} d{head_dim} {sorted(flags)} {cfg.kwargs}")
+            done.append(f"{fn.fn.__name__} sm_{cap} {ka._TYPE_NAMES[dtype]} d{head_dim} {sorted(flags)} {cfg.kwargs}")
     return done
 
 

@@ -59,9 +59,13 @@ def check_property(strategy, check, ci_examples: int, *, always=(), **options) -
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (this machine has none)")
+    skip_long = pytest.mark.skip(reason="takes minutes on a 2-core CPU: run with VLCORE_LONG=1")
+    run_long = os.environ.get("VLCORE_LONG") == "1"
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if "long" in item.keywords and not run_long:
+            item.add_marker(skip_long)
 
 
 @pytest.fixture

@@ -66,10 +66,42 @@ def test_rel_pos_arguments():
         vlcore.attention(q, k, v, rel_pos_table=torch.randn(9, 2))
     with pytest.raises(ValueError, match=r"`rel_pos_table` must have shape \(9, 2\).*rel_pos_grid=\(2, 2\)"):
         vlcore.attention(q, k, v, rel_pos_table=torch.randn(10, 2), rel_pos_grid=(2, 2))
-    with pytest.raises(ValueError, match=r"`rel_pos_start` must lie in \[0, 5\]; got 9"):
+    with pytest.raises(ValueError, match=r"`rel_pos_start` \+ gh\*gw must be <= the sequence length max\(Nq, Nk\) "
+                                         r"= 5 .*got rel_pos_start=9, rel_pos_grid=\(2, 2\): 9 \+ 4 = 13"):
         vlcore.attention(q, k, v, rel_pos_table=torch.randn(9, 2), rel_pos_grid=(2, 2), rel_pos_start=9)
-    with pytest.raises(ValueError, match="positive ints"):
+    with pytest.raises(ValueError, match=r"`rel_pos_grid` must be \(gh, gw\) with gh, gw >= 1; got \(0, 2\)"):
         vlcore.attention(q, k, v, rel_pos_table=torch.randn(9, 2), rel_pos_grid=(0, 2))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_zero_head_dim_is_named(backend):
+    q = torch.randn(2, 5, 2, 0)
+    with pytest.raises(ValueError, match=r"`q` must have head dim D >= 1; got shape \(2, 5, 2, 0\)"):
+        vlcore.attention(q, q, q, backend=backend)
+
+
+@pytest.mark.parametrize("grid,start,nq,nk,match", [
+    ((2, 2), -1, 5, 5, r"`rel_pos_start` must be an int >= 0; got -1"),
+    ((2, -3), 0, 5, 5, r"`rel_pos_grid` must be \(gh, gw\) with gh, gw >= 1; got \(2, -3\)"),
+    ((2, 2, 1), 0, 5, 5, r"`rel_pos_grid` must be \(gh, gw\), two ints; got \(2, 2, 1\)"),
+    ((2, 2.5), 0, 5, 5, r"`rel_pos_grid` must be \(gh, gw\), two ints"),
+    ((3, 3), 0, 5, 5, r"max\(Nq, Nk\) = 5 .*rel_pos_start=0, rel_pos_grid=\(3, 3\): 0 \+ 9 = 9"),  # grid > sequence
+    ((2, 2), 2, 5, 5, r"max\(Nq, Nk\) = 5 .*2 \+ 4 = 6"),  # start + grid one past the end
+    ((2, 2), 4, 3, 7, r"max\(Nq, Nk\) = 7 .*4 \+ 4 = 8"),  # cross-attention: the longer side counts
+], ids=["start<0", "grid<1", "three-dims", "float", "grid>seq", "past-end", "cross"])
+def test_rel_pos_grid_must_fit_the_sequence(grid, start, nq, nk, match):
+    q, k = torch.randn(2, nq, 2, 8), torch.randn(2, nk, 2, 8)
+    rows = 9 if len(grid) != 2 or grid[1] != 3 else 25
+    for backend in ("reference", "triton"):
+        with pytest.raises(ValueError, match=match):
+            vlcore.attention(q, k, k, rel_pos_table=torch.randn(rows, 2), rel_pos_grid=grid, rel_pos_start=start,
+                             backend=backend)
+
+
+def test_rel_pos_grid_may_end_at_the_sequence_end():
+    q, k = torch.randn(1, 3, 2, 8), torch.randn(1, 7, 2, 8)
+    table = torch.randn(9, 2)
+    assert vlcore.attention(q, k, k, rel_pos_table=table, rel_pos_grid=(2, 2), rel_pos_start=3).shape == q.shape
 
 
 def test_device_mismatch_is_named():

@@ -24,7 +24,7 @@ def timm_relative_position_index(gh, gw):
 
 def naive_attention(q, k, v, *, causal=False, prefix_lens=None, kv_lens=None, table=None, grid=None, start=0,
                     scale=None):
-    """Row by row in float64 with explicit visibility rules (DESIGN.md §1)."""
+    """Row by row in float64 with explicit visibility rules (docs/design.md §1)."""
     batch, nk, heads, dim = k.shape
     nq = q.shape[1]
     scale = dim ** -0.5 if scale is None else scale
@@ -175,8 +175,8 @@ def _case(kw, n, dim):
     args = {key: (torch.tensor(val) if isinstance(val, list) else val) for key, val in kw.items()}
     leaves = [q, k, v]
     if rel:
-        leaves.append(torch.randn(3 * 5, 2, dtype=torch.float64))
-        args.update(rel_pos_grid=(2, 3), rel_pos_start=1)
+        leaves.append(torch.randn(3 * 3, 2, dtype=torch.float64))
+        args.update(rel_pos_grid=(2, 2), rel_pos_start=1)  # tokens 1..4: inside n >= 5
 
     def fn(q, k, v, table=None):
         return vlcore.attention(q, k, v, **args, **({"rel_pos_table": table} if table is not None else {}))

@@ -38,22 +38,24 @@ def test_weights_round_trip_with_tied_weights_and_metadata(tmp_path):
     for (n, a), (_, b) in zip(m.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(a, b), n
     assert fresh.head.weight is fresh.emb.weight
-    if checkpoint._st is not None:
-        assert path.suffix == ".safetensors"
-        assert json.loads(ckpt["metadata"]["aliases"]) == {"head.weight": "emb.weight"}
+    assert path.suffix == ".safetensors"
+    assert json.loads(ckpt["metadata"]["aliases"]) == {"head.weight": "emb.weight"}
 
 
-def _failing(monkeypatch, target, attr):
-    """Make ``target.attr`` write part of its file and then die, as a crash in the middle of a write would."""
-    real = getattr(target, attr)
+def _failing(monkeypatch, nth: int):
+    """Make the ``nth`` safetensors write of a save (1: weights, 2: training state) write part of its file and
+    then die, as a crash in the middle of a write would."""
+    real, calls = checkpoint.save_file, []
 
-    def crash(obj, path, *args, **kwargs):
-        real(obj, path, *args, **kwargs)
-        with open(path, "r+b") as f:
-            f.truncate(max(1, f.seek(0, 2) // 2))
-        raise KeyboardInterrupt("killed between write and rename")
+    def write(tensors, path, metadata=None):
+        real(tensors, path, metadata=metadata)
+        calls.append(path)
+        if len(calls) == nth:
+            with open(path, "r+b") as f:
+                f.truncate(max(1, f.seek(0, 2) // 2))
+            raise KeyboardInterrupt("killed between write and rename")
 
-    monkeypatch.setattr(target, attr, crash)
+    monkeypatch.setattr(checkpoint, "save_file", write)
 
 
 @pytest.mark.parametrize("which", ["weights", "state"])
@@ -62,10 +64,7 @@ def test_crash_mid_write_leaves_previous_checkpoint_loadable(tmp_path, monkeypat
     checkpoint.save_checkpoint(tmp_path, 1, m.state_dict(), {"step": 1}, _meta())
     with torch.no_grad():
         m.emb.weight.add_(1.0)
-    if which == "weights" and checkpoint._st is not None:
-        _failing(monkeypatch, checkpoint._st, "save_file")
-    else:
-        _failing(monkeypatch, torch, "save")
+    _failing(monkeypatch, 1 if which == "weights" else 2)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save_checkpoint(tmp_path, 2, m.state_dict(), {"step": 2}, _meta())
     monkeypatch.undo()
@@ -80,11 +79,11 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
     for step in (1, 2, 3, 4):
         checkpoint.save_checkpoint(tmp_path, step, m.state_dict(), {"step": step}, _meta(), keep=2)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    ext = checkpoint.WEIGHTS_EXT
-    assert names == sorted(["latest.json", f"step-00000003{ext}", "step-00000003.state.pt",
-                            f"step-00000004{ext}", "step-00000004.state.pt"])
-    weights, state = checkpoint.resolve(tmp_path / "checkpoints" / f"step-00000003{ext}")
-    assert state.name == "step-00000003.state.pt"
+    files = [f"step-0000000{s}{ext}" for s in (3, 4) for ext in (".safetensors", ".state.safetensors",
+                                                                 ".state.json", ".json")]
+    assert names == sorted(["latest.json"] + files)
+    weights, state = checkpoint.resolve(tmp_path / "checkpoints" / "step-00000003.safetensors")
+    assert state.name == "step-00000003.state.safetensors"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoint.resolve(tmp_path / "nowhere")
 

@@ -76,13 +76,34 @@ def test_environment_variable_global_and_per_op(toy_op, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("VLCORE_BACKEND", "fast")
     assert dispatch.choose(toy_op, _problem("cpu")).name == "fast"
-    monkeypatch.setenv("VLCORE_BACKEND", "other_op=missing,toy_op=fast")
+    monkeypatch.setenv("VLCORE_BACKEND", "attention=reference,toy_op=fast")
     assert dispatch.choose(toy_op, _problem("cpu")).name == "fast"
-    monkeypatch.setenv("VLCORE_BACKEND", "other_op=missing")
+    monkeypatch.setenv("VLCORE_BACKEND", "attention=reference")
     assert dispatch.choose(toy_op, _problem("cpu")).name == "reference"
     # the keyword wins over the environment
     monkeypatch.setenv("VLCORE_BACKEND", "fast")
     assert dispatch.choose(toy_op, _problem("cpu"), backend="reference").name == "reference"
+
+
+@pytest.mark.parametrize("env, message", [
+    ("vq_nearest=triton", "unknown op 'vq_nearest'; valid ops: attention, contrastive_loss, toy_op, vq"),
+    ("toy_op=triton", "op 'toy_op' has no backend 'triton'; its backends: missing, fast, reference"),
+    ("attention=reference,toy_op", "OP=BACKEND pairs separated by commas"),
+    ("toy_op=", "found the item 'toy_op='"),
+    ("tritn", "unknown backend; valid names: cuda, fast, missing, reference, triton"),
+])
+def test_environment_variable_typos_are_errors_naming_the_valid_choices(toy_op, monkeypatch, env, message):
+    # before: an unknown key was ignored (the default backend ran while the user believed otherwise)
+    monkeypatch.setenv("VLCORE_BACKEND", env)
+    with pytest.raises(dispatch.BackendError) as e:
+        dispatch.choose(toy_op, _problem("cpu"))
+    assert f"VLCORE_BACKEND={env!r}" in str(e.value) and message in str(e.value)
+
+
+def test_environment_variable_typo_fails_the_public_op(monkeypatch):
+    monkeypatch.setenv("VLCORE_BACKEND", "vq_nearest=triton")
+    with pytest.raises(dispatch.BackendError, match="unknown op 'vq_nearest'.*vq"):
+        vlcore.vq_nearest(torch.randn(4, 3), torch.randn(5, 3))
 
 
 def test_unknown_backend_names_the_known_ones(toy_op):

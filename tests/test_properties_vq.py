@@ -17,14 +17,11 @@ import vlcore
 from vlcore import dispatch
 
 hypothesis = pytest.importorskip("hypothesis", reason="property tests need hypothesis (pip install vlcore[dev])")
-from hypothesis import Phase  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 BACKENDS = ["reference", "triton"]
 DTYPES = {"reference": (torch.float32, torch.float64, torch.float16), "triton": (torch.float32, torch.float16)}
-TRITON_TIES = "fixed on branch cvq: the triton argmin sends a query on duplicated entries to a later copy"
-TRITON_NAN = "fixed on branch cvq: triton returns distance 0 for a NaN row and skips a NaN codebook row"
 
 
 @st.composite
@@ -85,15 +82,6 @@ def _check_nearest(case: dict, backend: str) -> None:
         oracle.assert_close_to_oracle("distance of the chosen entry", got, want_dist, torch.float32)
 
 
-def _triton_xfail(reason: str):
-    return [pytest.param("reference"), pytest.param("triton", marks=pytest.mark.xfail(strict=True, reason=reason))]
-
-
-def _phases(backend: str):
-    """No shrinking where a failure is expected (xfail): shrinking a known failure only costs time."""
-    return (Phase.explicit, Phase.reuse, Phase.generate) if backend == "triton" else tuple(Phase)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nearest_matches_dense_oracle(backend):
     check_property(nearest_cases(backend), lambda case: _check_nearest(case, backend), 12)
@@ -114,11 +102,10 @@ DUPLICATES_FOUND = {"lead": (16,), "codes": 20, "dim": 6, "dtype": torch.float64
 
 @pytest.mark.parametrize("backend", [
     pytest.param("reference", marks=pytest.mark.xfail(strict=False, reason=REFERENCE_DUPLICATES)),
-    # seen under the interpreter; a GPU's rounding may happen to pick the first copy (hence strict here only)
-    pytest.param("triton", marks=pytest.mark.xfail(strict=not HAS_CUDA, reason=TRITON_TIES))])
+    "triton"])
 def test_nearest_duplicated_entries_go_to_the_first_copy(backend):
     check_property(nearest_cases(backend, ties="duplicates"), lambda case: _check_nearest(case, backend), 8,
-                   always=[DUPLICATES_FOUND] if backend == "reference" else [], phases=_phases("triton"))
+                   always=[DUPLICATES_FOUND] if backend == "reference" else [])  # triton has no float64
 
 
 @st.composite
@@ -131,7 +118,7 @@ def nan_cases(draw, backend: str) -> dict:
     return case
 
 
-@pytest.mark.parametrize("backend", _triton_xfail(TRITON_NAN))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nearest_nan_follows_argmin(backend):
     def check(case):
         x, codebook = _nearest_inputs(case)
@@ -143,7 +130,7 @@ def test_nearest_nan_follows_argmin(backend):
         assert torch.equal(dist.cpu().isnan(), nan), f"NaN distances at {dist.isnan().tolist()}, oracle {nan.tolist()}"
         assert torch.equal(idx.cpu()[nan], want_idx[nan]), "a NaN distance must come with torch.argmin's index"
 
-    check_property(nan_cases(backend), check, 10, phases=_phases(backend))
+    check_property(nan_cases(backend), check, 10)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

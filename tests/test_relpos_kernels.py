@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import kernel_check
 import pytest
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,7 @@ CASES = {
     "7x7-text-then-image-causal-pad": (2, 70, 70, 1, 32, torch.float16, (7, 7), 9,
                                        {"causal": True, "kv_lens": torch.tensor([70, 40])}),
     "7x7-cross-causal": (1, 40, 70, 2, 32, torch.float32, (7, 7), 3, {"causal": True}),
-    "7x7-grid-past-the-end": (1, 60, 60, 1, 32, torch.float32, (7, 7), 30, {}),
+    "7x7-grid-to-the-end": (1, 60, 60, 1, 32, torch.float32, (7, 7), 11, {}),
     "3x5-shared-queries": (2, 15, 15, 2, 32, torch.float32, (3, 5), 0, {"shared": True,
                                                                         "kv_lens": torch.tensor([15, 8])}),
     "3x5-windows-in-batch": (4, 15, 15, 1, 32, torch.float16, (3, 5), 0, {}),
@@ -131,6 +132,40 @@ def test_relpos_allocates_no_n_by_n():
         _, _, _, dtable = kernels.attention_bwd(torch.randn_like(out), q, k, v, out, lse, **bias)
     assert dtable.shape == table.shape
     assert 0 < tracker.largest_bytes < n * n * 4, (tracker.largest_bytes, tracker.largest_shape)
+
+
+class _EveryAllocation(kernel_check._AllocationTracker):
+    def __init__(self):
+        super().__init__()
+        self.tensors = []
+
+    def _record(self, out):
+        super()._record(out)
+        self.tensors += [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("batch", [6, 2])
+def test_dtable_buffer_is_bounded(batch):
+    """The dtable partial sums take at most max(B, key blocks)·H·T fp32 values (B·H·T here: B >= key blocks
+    at B = 6), not one row per (sample, head, key block): B·H·⌈Nk/32⌉·T was 181 MB per layer at B 64, H 16,
+    Nk 640 and a 24×24 grid. Checked with the buffer's values reduced right: dtable vs the reference."""
+    from vlcore.kernels import attention as kernels
+
+    heads, n, grid = 2, 70, (7, 7)  # the interpreter's 32-key tiles: 3 key blocks
+    rows = 13 * 13
+    q, k, v = (torch.randn(batch, n, heads, 16, dtype=torch.float64).float() for _ in range(3))
+    table = torch.randn(rows, heads)
+    out, lse = kernels.attention_fwd(q, k, v, table=table, grid=grid, start=2)
+    dout = torch.randn_like(out)
+    with _EveryAllocation() as tracker:
+        _, _, _, dtable = kernels.attention_bwd(dout, q, k, v, out, lse, table=table, grid=grid, start=2)
+    buffers = [t for t in tracker.tensors if t.dim() == 2 and t.shape[1] == rows and t.dtype == torch.float32
+               and t.shape[0] > heads]
+    assert buffers, [tuple(t.shape) for t in tracker.tensors]
+    extra = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in buffers}.values())  # views once
+    assert extra <= max(batch, 3) * heads * rows * 4, (extra, [tuple(t.shape) for t in buffers])
+    expected = ref.attention_backward(dout, q, k, v, rel_pos_table=table, rel_pos_grid=grid, rel_pos_start=2)[3]
+    torch.testing.assert_close(dtable, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_table_shape_is_checked():

@@ -91,6 +91,44 @@ def test_nearest_ties_lowest_index(dtype, backend):
     assert torch.equal(dist.cpu().double(), t_dist)  # exact arithmetic: exact distances
 
 
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_nearest_duplicates_go_to_the_first_copy(distance, dtype, backend):
+    """Random (inexact) data: the same dot product may round differently in another column (numpy's BLAS under
+    the interpreter did: index 11 instead of 3), yet identical entries must go to the lowest index."""
+    cb = torch.randn(150, 24)
+    cb[11] = cb[3]   # same codebook tile
+    cb[100] = cb[3]  # another tile
+    cb[7] = cb[120] = cb[140] = cb[60]
+    x = torch.cat([cb[3] + 0.01 * torch.randn(20, 24), cb[60] + 0.01 * torch.randn(20, 24)]).to(dtype)
+    idx, dist = vlcore.vq_nearest(x.to(DEV), cb.to(DEV), distance=distance, backend=backend)
+    assert idx.tolist() == [3] * 20 + [7] * 20
+    t_idx, t_dist, _ = truth(x, cb, distance)
+    torch.testing.assert_close(dist.cpu().double(), t_dist, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_nearest_nan_follows_torch_argmin(distance, dtype, backend):
+    """torch.argmin's semantics on every backend: a NaN row -> distance NaN and index 0 (all its scores are NaN);
+    a NaN entry takes every other row (the first NaN entry), distance NaN."""
+    cb = torch.randn(70, 9)
+    x = torch.randn(6, 9)
+    x[2, 4] = float("nan")
+    idx, dist = vlcore.vq_nearest(x.to(DEV, dtype), cb.to(DEV), distance=distance, backend=backend)
+    t_idx, t_dist, _ = truth(x.to(dtype), cb, distance)
+    assert idx.tolist() == t_idx.tolist() and idx[2].item() == 0
+    assert torch.isnan(dist[2]) and not torch.isnan(dist[[0, 1, 3, 4, 5]]).any()
+    bad = cb.clone()
+    bad[66, 1] = bad[68, 0] = float("nan")  # in the second codebook tile of the GPU configs too
+    idx, dist = vlcore.vq_nearest(x.to(DEV, dtype), bad.to(DEV), distance=distance, backend=backend)
+    # (the NaN row's scores are all NaN: its first NaN is entry 0)
+    assert idx.tolist() == [66, 66, 0, 66, 66, 66] == truth(x.to(dtype), bad, distance)[0].tolist()
+    assert torch.isnan(dist).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("n,k,d", [(1, 3, 5), (97, 3, 5), (97, 257, 33), (31, 2048, 5), (13, 5, 768)])

@@ -5,8 +5,13 @@ Public ops: :func:`attention`, :func:`contrastive_loss`, :func:`vq_nearest` (+ :
 Importing never needs the compiled extension ``vlcore._C`` or a GPU.
 """
 
-from vlcore._version import __version__
-from vlcore.ops import attention, contrastive_loss, vq_nearest, vq_statistics
+# First, before anything imports torch: the OpenMP runtime reads its wait policy when torch loads it (CLI only).
+from vlcore.train import threads as _threads  # isort: skip
+
+_threads.set_wait_policy_for_cli()
+
+from vlcore._version import __version__  # noqa: E402
+from vlcore.ops import attention, contrastive_loss, vq_nearest, vq_statistics  # noqa: E402
 
 from vlcore import distributed, nn  # isort: skip  (the modules build on the ops above)
 

@@ -8,19 +8,27 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
+
+from vlcore import cli_args
+from vlcore.cli_args import Parser, UsageError, device, float_in, int_at_least
 
 _DESCRIPTION = "vlcore: fused kernels and compact models for vision-language pretraining."
 
 
 def _plugins(names: list[str] | None) -> None:
     for name in names or []:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise UsageError(f"--plugin: expected an importable module, found {name!r} ({e})") from None
 
 
 def _json_value(text: str):
@@ -34,7 +42,7 @@ def _overrides(pairs: list[str] | None) -> dict:
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"vlcore: --set expects KEY=VALUE, got {pair!r}")
+            raise UsageError(f"--set: expected KEY=VALUE, found {pair!r}")
         k, v = pair.split("=", 1)
         out[k.strip()] = _json_value(v)
     return out
@@ -46,7 +54,7 @@ def _scene_mix(text: str) -> tuple:
     except ValueError:
         mix = ()
     if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
-        raise SystemExit(f"vlcore pretrain: --scene-mix expects three non-negative weights like 0.4,0.3,0.3; got {text!r}")
+        raise UsageError(f"--scene-mix: expected three non-negative weights like 0.4,0.3,0.3, found {text!r}")
     return mix
 
 
@@ -61,6 +69,35 @@ def _model_names() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- pretrain
+class _Default:
+    """A pretrain option's default as argparse stores it when the flag is absent: ``--resume`` takes such options
+    from the run, not from these defaults, so "not given" must differ from "given with the default's value"."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __str__(self) -> str:  # what --help prints as the default
+        return str(self.value)
+
+
+def _mark_defaults(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        # append actions extend their default list in place; theirs is None, which already means "not given"
+        if action.default is not argparse.SUPPRESS and not isinstance(action, argparse._AppendAction):
+            action.default = _Default(action.default)
+
+
+def _explicit_options(args) -> tuple:
+    """Names of the options given on the command line; the others are replaced by their real defaults."""
+    given = []
+    for name, value in vars(args).items():
+        if isinstance(value, _Default):
+            setattr(args, name, value.value)
+        elif value is not None:
+            given.append(name)
+    return tuple(given)
+
+
 def _add_pretrain(sub) -> None:
     from vlcore.train.loop import TrainConfig
 
@@ -83,30 +120,37 @@ def _add_pretrain(sub) -> None:
                         "manifests: 'dir/', 'shards/{00000..00009}.tar', globs, comma-separated lists")
     g.add_argument("--scene-mix", default=",".join(f"{w:g}" for w in d.scene_mix), metavar="P1,P2,P3",
                    help="digits-scenes: how often a training image holds one, two, three digits")
-    g.add_argument("--image-size", type=int, default=d.image_size, help="input resolution (square)")
-    g.add_argument("--max-text-len", type=int, default=d.max_text_len, help="caption length incl. BOS/EOS")
+    g.add_argument("--image-size", type=int_at_least(1), default=d.image_size, help="input resolution (square)")
+    g.add_argument("--max-text-len", type=int_at_least(2), default=d.max_text_len, help="caption length incl. BOS/EOS")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer JSON file to use (default: train a byte-level BPE on the run's captions)")
-    g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="vocabulary size when training the BPE")
-    g.add_argument("--num-workers", type=int, default=d.num_workers,
+    g.add_argument("--vocab-size", type=int_at_least(263), default=d.vocab_size, help="vocabulary size when training the BPE")
+    g.add_argument("--num-workers", type=int_at_least(-1), default=d.num_workers,
                    help="data loader processes that make the batches (0: in the training process; "
                         "-1: auto, 0 on CPU and 2 per GPU process)")
-    g.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="sample shuffle window (shards)")
+    g.add_argument("--shuffle-buffer", type=int_at_least(0), default=d.shuffle_buffer,
+                   help="sample shuffle window (shards)")
+    g.add_argument("--max-bad-fraction", type=float_in(0, 1), default=d.max_bad_fraction,
+                   help="shards/manifests: stop when more than this fraction of the samples is unusable (each "
+                        "skip is counted by reason in the metrics and the summary)")
     g.add_argument("--plugin", action="append", metavar="MODULE",
                    help="import MODULE first (e.g. one that registers your models with vlcore.models.register)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
-    o.add_argument("--batch-size", type=int, default=d.batch_size, help="micro-batch per process")
-    o.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
-    o.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr (cosine)")
-    o.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
-    o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay of weight matrices")
-    o.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (0: no clipping)")
-    o.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data and dropout")
+    o.add_argument("--steps", type=int_at_least(1), default=d.steps, help="optimizer steps")
+    o.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size, help="micro-batch per process")
+    o.add_argument("--grad-accum", type=int_at_least(1), default=d.grad_accum, help="micro-batches per optimizer step")
+    o.add_argument("--lr", type=float_in(0, low_open=True), default=d.lr, help="peak learning rate (AdamW)")
+    o.add_argument("--min-lr-ratio", type=float_in(0, 1), default=d.min_lr_ratio, help="final lr / peak lr (cosine)")
+    o.add_argument("--warmup", type=int_at_least(0), default=d.warmup, help="linear warm-up steps")
+    o.add_argument("--weight-decay", type=float_in(0), default=d.weight_decay, help="AdamW decay of weight matrices")
+    o.add_argument("--clip-grad", type=float_in(0), default=d.clip_grad, help="max gradient norm (0: no clipping)")
+    o.add_argument("--max-skipped-steps", type=int_at_least(1), default=d.max_skipped_steps,
+                   help="a step with a non-finite loss or gradient is skipped (not applied, counted in the metrics); "
+                        "this many in a row stop the run")
+    o.add_argument("--seed", type=int_at_least(0), default=d.seed, help="seed of weights, data and dropout")
     r = p.add_argument_group("hardware")
-    r.add_argument("--device", default=d.device, help="auto (CUDA when available), cpu, cuda, cuda:1")
-    r.add_argument("--threads", type=int, default=d.threads,
+    r.add_argument("--device", type=device, default=d.device, help="auto (CUDA when available), cpu, cuda, cuda:1")
+    r.add_argument("--threads", type=int_at_least(0), default=d.threads,
                    help="torch intra-op threads per process (0: on CPU the machine's cores / local processes, "
                         "less the data workers; torch's default on GPU)")
     r.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp32"],
@@ -119,35 +163,76 @@ def _add_pretrain(sub) -> None:
     c = p.add_argument_group("output and checkpoints")
     c.add_argument("--out-dir", default=None, help="run folder (default runs/<model>-<date>-<time>)")
     c.add_argument("--resume", default=None, metavar="PATH",
-                   help="continue a run exactly: its folder, its checkpoints/latest.json or a weights file")
-    c.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (and at the end)")
-    c.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep")
-    c.add_argument("--log-every", type=int, default=d.log_every, help="metrics JSONL record every N steps")
+                   help="continue a run exactly: its folder, its checkpoints/latest.json or a weights file (auto: the "
+                        "--out-dir folder, or the newest runs/<model>-*, if it has a checkpoint, else start anew; for "
+                        "torchrun --max-restarts); the run's "
+                        "settings are kept, flags given explicitly override them (each change is printed)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out-dir (its metrics, config and checkpoints); without it "
+                        "an existing run folder is an error")
+    c.add_argument("--save-every", type=int_at_least(0), default=d.save_every, help="checkpoint every N steps (and at the end)")
+    c.add_argument("--keep", type=int_at_least(1), default=d.keep, help="checkpoints to keep")
+    c.add_argument("--log-every", type=int_at_least(1), default=d.log_every, help="metrics JSONL record every N steps")
     c.add_argument("--eval", default=d.eval, choices=["auto", "on", "off"],
                    help="held-out evaluation at the end (auto: on for digits-scenes)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    _mark_defaults(p)
     p.set_defaults(func=_cmd_pretrain)
+
+
+def _check_pretrain_inputs(args) -> None:
+    """The names and paths a run needs, checked before any work (tokenizer training, model building)."""
+    from vlcore import models
+    from vlcore.data.shards import expand_urls
+    from vlcore.data.skips import DataError
+    from vlcore.train.loop import DIGITS
+
+    if args.resume is None and args.model not in models.list_models():
+        raise UsageError(f"--model: expected a registered model ({', '.join(models.list_models())}), found "
+                         f"{args.model!r} (a model of your own: --plugin MODULE that registers it)")
+    if args.resume is None and args.overrides:
+        fields = sorted(f.name for f in dataclasses.fields(models.get_config(args.model)))
+        unknown = sorted(set(_overrides(args.overrides)) - set(fields))
+        if unknown:
+            raise UsageError(f"--set: expected fields of {args.model}'s config ({', '.join(fields)}), found "
+                             f"{', '.join(unknown)}")
+    if args.tokenizer is not None and not Path(args.tokenizer).is_file():
+        raise UsageError(f"--tokenizer: expected a tokenizer JSON file, found {args.tokenizer!r}, "
+                         f"{'a folder' if Path(args.tokenizer).is_dir() else 'which does not exist'}")
+    if args.data != DIGITS:
+        try:
+            expand_urls(args.data)
+        except DataError as e:
+            raise UsageError(f"--data: expected {DIGITS!r} or existing tar shards / JSONL manifests; {e}") from None
 
 
 def _cmd_pretrain(args) -> int:
     from vlcore.train.loop import TrainConfig, pretrain
 
+    explicit = tuple(n for n in _explicit_options(args) if n in {f.name for f in dataclasses.fields(TrainConfig)})
     _plugins(args.plugin)
+    _check_pretrain_inputs(args)
     cfg = TrainConfig(model=args.model, data=args.data, steps=args.steps, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
-                      weight_decay=args.weight_decay, clip_grad=args.clip_grad, seed=args.seed,
+                      weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+                      max_skipped_steps=args.max_skipped_steps, seed=args.seed,
                       precision=args.precision, device=args.device, compile=args.compile,
                       activation_checkpointing=args.activation_checkpointing, dist=args.dist,
-                      out_dir=args.out_dir, resume=args.resume, save_every=args.save_every, keep=args.keep,
+                      out_dir=args.out_dir, resume=args.resume, overwrite=args.overwrite,
+                      save_every=args.save_every, keep=args.keep,
                       log_every=args.log_every, eval=args.eval, tokenizer=args.tokenizer,
                       vocab_size=args.vocab_size, max_text_len=args.max_text_len, image_size=args.image_size,
                       num_workers=args.num_workers, threads=args.threads,
                       scene_mix=_scene_mix(args.scene_mix), shuffle_buffer=args.shuffle_buffer,
-                      overrides=_overrides(args.overrides), quiet=args.quiet)
-    for name in ("steps", "batch_size", "grad_accum"):
-        if getattr(cfg, name) < 1:
-            raise SystemExit(f"vlcore pretrain: --{name.replace('_', '-')} must be >= 1; got {getattr(cfg, name)}")
-    pretrain(cfg)
+                      max_bad_fraction=args.max_bad_fraction, overrides=_overrides(args.overrides),
+                      quiet=args.quiet, explicit=explicit)
+    from vlcore.train.checkpoint import CheckpointWriteError
+
+    try:
+        pretrain(cfg)  # an existing run folder (FileExistsError) is a user error: main's one line, exit 2
+    except CheckpointWriteError as e:  # disk full etc.: the previous checkpoint is intact
+        print(f"vlcore pretrain: {e}; earlier checkpoints are intact", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -161,14 +246,15 @@ def _add_eval(sub) -> None:
                                    "JSON.")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="run folder, its checkpoints/latest.json, or a weights file")
-    p.add_argument("--scenes", type=int, default=100, help="held-out scenes for retrieval")
-    p.add_argument("--zero-shot-images", type=int, default=None,
+    p.add_argument("--scenes", type=int_at_least(1), default=100, help="held-out scenes for retrieval")
+    p.add_argument("--zero-shot-images", type=int_at_least(1), default=None,
                    help="held-out single-digit images to classify (default: all 359 held-out scans)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out images' placement")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the held-out images' placement")
+    p.add_argument("--batch-size", type=int_at_least(1), default=256, help="evaluation batch")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="as for pretrain")
-    p.add_argument("--out", default=None, help="JSON path (default: eval.json in the run folder)")
+    p.add_argument("--out", default=None, help="JSON path (default: eval-<date>-<time>.json in the run folder; the eval.json "
+                        "that pretrain wrote stays as it is)")
     p.add_argument("--plugin", action="append", metavar="MODULE", help="import MODULE first (custom models)")
     p.set_defaults(func=_cmd_eval)
 
@@ -178,6 +264,9 @@ def _load(args):
     from vlcore.train.loop import model_from_checkpoint
 
     _plugins(args.plugin)
+    if not Path(args.checkpoint).exists():
+        raise UsageError(f"--checkpoint: expected a run folder, its checkpoints/latest.json or a weights file, "
+                         f"found {args.checkpoint!r}, which does not exist")
     device = distributed.pick_device(args.device)
     model, tokenizer, meta = model_from_checkpoint(args.checkpoint, device)
     return model, tokenizer, meta, device
@@ -197,11 +286,22 @@ def _cmd_eval(args) -> int:
     metrics.update(model=meta["model"], step=int(meta.get("step", 0)))
     print(f"{meta['model']} at step {metrics['step']}")
     print(evaluation.format_table(metrics))
-    weights, _ = checkpoint.resolve(args.checkpoint)
-    out = Path(args.out) if args.out else weights.parent.parent / "eval.json"
+    out = Path(args.out) if args.out else _fresh_eval_path(checkpoint.run_dir_of(args.checkpoint))
     evaluation.save_json(metrics, out)
     print(f"saved {out}")
     return 0
+
+
+def _fresh_eval_path(run_dir: Path) -> Path:
+    """``eval-<date>-<time>.json`` in the run folder, never an existing file (pretrain's eval.json included)."""
+    import time
+
+    stem = f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = run_dir / f"{stem}.json", 1
+    while out.exists():  # two evaluations within one second
+        n += 1
+        out = run_dir / f"{stem}-{n}.json"
+    return out
 
 
 def _add_caption(sub) -> None:
@@ -212,14 +312,14 @@ def _add_caption(sub) -> None:
                                    "captions.")
     p.add_argument("images", nargs="*", help="image files (need Pillow); none: held-out digits-scenes")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="run folder or weights file")
-    p.add_argument("--num", type=int, default=8, help="held-out scenes to caption when no image is given")
+    p.add_argument("--num", type=int_at_least(1), default=8, help="held-out scenes to caption when no image is given")
     p.add_argument("--strategy", default="greedy", choices=["greedy", "beam", "top_p"], help="decoding")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's max_text_len")
-    p.add_argument("--beams", type=int, default=4, help="beam width (strategy beam)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass (strategy top_p)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (strategy top_p)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed and held-out scene seed")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=None, help="default: the model's max_text_len")
+    p.add_argument("--beams", type=int_at_least(1), default=4, help="beam width (strategy beam)")
+    p.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=0.9, help="nucleus mass (strategy top_p)")
+    p.add_argument("--temperature", type=float_in(0, low_open=True), default=1.0, help="sampling temperature (strategy top_p)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="sampling seed and held-out scene seed")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda")
     p.add_argument("--plugin", action="append", metavar="MODULE", help="import MODULE first (custom models)")
     p.set_defaults(func=_cmd_caption)
 
@@ -236,20 +336,32 @@ def _generate_kwargs(fn, args) -> dict:
     return {k: v for k, v in wanted.items() if k in params}
 
 
+def _image_file(path: str, size: int):
+    from vlcore.data.samples import decode_image
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"images: expected image files, found {path!r} ({e.strerror or e})") from None
+    try:
+        return decode_image(data, size)
+    except Exception as e:  # noqa: BLE001 - any decoder failure: the file is not an image we can read
+        raise UsageError(f"images: expected an image file (JPEG, PNG, WebP, BMP, GIF, TIFF), found {path!r} "
+                         f"that does not decode ({type(e).__name__}: {e})") from None
+
+
 def _cmd_caption(args) -> int:
     import torch
 
     from vlcore.data.digits_scenes import retrieval_set, scenes_to_arrays
-    from vlcore.data.shards import decode_image
-
     model, tokenizer, meta, device = _load(args)
     if not hasattr(model, "generate"):
-        raise SystemExit(f"vlcore caption: {meta['model']} is not a captioner (it has no generate()); captioners: "
-                         "coca-*, simvlm-*")
+        raise UsageError(f"--checkpoint: expected a captioner's checkpoint (coca-*, simvlm-*: models with "
+                         f"generate()), found a {meta['model']} checkpoint")
     data = meta.get("data", {})
     size = int(data.get("image_size", 64))
     if args.images:
-        images = torch.stack([decode_image(Path(f).read_bytes(), size) for f in args.images])
+        images = torch.stack([_image_file(f, size) for f in args.images])
         refs = [None] * len(args.images)
         names = list(args.images)
     else:
@@ -286,6 +398,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run, or a fast GPU pass)")
     p.add_argument("--only", default="", help="comma-separated benchmark names (bench_<name>.py), e.g. attention,vq")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
+    p.add_argument("--resources", action="store_true",
+                   help="only the static resource report: every kernel config compiled for sm_90/sm_80 without a "
+                        "GPU (registers, spills, shared memory, tensor-core instructions); with --quick the "
+                        "default configs")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -299,7 +415,11 @@ def _cmd_bench(args) -> int:
               "VLCORE_BENCHMARKS=/path/to/vlcore/benchmarks.", file=sys.stderr)
         return 2
     cmd = [sys.executable, str(bench / "run_all.py")] + (["--quick"] if args.quick else [])
-    cmd += (["--only", args.only] if args.only else []) + (["--out", args.out] if args.out else [])
+    if args.resources:  # kernel_resources.py writes to <out> itself, not <out>/static
+        cmd = [sys.executable, str(bench / "kernel_resources.py")] + (["--quick"] if args.quick else [])
+    else:
+        cmd += ["--only", args.only] if args.only else []
+    cmd += ["--out", args.out] if args.out else []
     return subprocess.call(cmd, cwd=bench.parent)
 
 
@@ -320,8 +440,8 @@ def _cmd_info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from vlcore._version import __version__
 
-    parser = argparse.ArgumentParser(prog="vlcore", description=_DESCRIPTION,
-                                     epilog="Run `vlcore <command> --help` for the options of a command.")
+    parser = Parser(prog="vlcore", description=_DESCRIPTION,
+                    epilog="Run `vlcore <command> --help` for the options of a command.")
     parser.add_argument("--version", action="version", version=f"vlcore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     _add_pretrain(sub)
@@ -329,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_caption(sub)
     _add_bench(sub)
     _add_info(sub)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     return parser
 
 
@@ -338,7 +460,18 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return args.func(args)
+    formatwarning = warnings.formatwarning
+    if not args.debug:  # a warning (e.g. a checkpoint fallback) is one line, like the errors
+        warnings.formatwarning = lambda message, category, *_, **__: f"vlcore {args.command}: warning: {message}\n"
+    try:
+        cli_args.check_backend_environment()
+        return args.func(args)
+    except (Exception, KeyboardInterrupt) as e:
+        if args.debug:
+            raise
+        return cli_args.report(args.command, e)
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ dtypes, an environment requirement (is triton importable, is ``vlcore._C`` built
 input-specific check. The dispatcher picks, for given inputs,
 
 * the backend named by ``backend=`` or ``VLCORE_BACKEND`` — and raises with *every* reason if it cannot run;
-* otherwise the highest-priority backend that accepts the inputs. CPU tensors get ``reference``: the compiled
-  backends run on CPU only under ``TRITON_INTERPRET=1`` and only when asked for explicitly. A refused preferred
-  backend is logged once, with its reasons.
+* otherwise the highest-priority backend that natively runs on the tensors' device and accepts the inputs:
+  CPU tensors get ``cpu`` when it accepts them, else ``reference``. The compiled backends run on CPU only under
+  ``TRITON_INTERPRET=1`` and only when asked for explicitly. A refused preferred backend is logged once, with
+  its reasons.
 
 ``VLCORE_BACKEND`` is either one name for every op (``triton``) or per op (``attention=triton,vq=cuda``).
 """
@@ -28,6 +29,7 @@ log = logging.getLogger("vlcore")
 REFERENCE = "reference"
 TRITON = "triton"
 CUDA = "cuda"
+CPU = "cpu"
 
 
 class BackendError(RuntimeError):
@@ -91,6 +93,7 @@ def register(backend: Backend) -> Backend:
     _REGISTRY.setdefault(backend.op, {})[backend.name] = backend
     _IMPLS.pop((backend.op, backend.name), None)
     _REQUIRES.pop((backend.op, backend.name), None)
+    _ENV_CHOICES.clear()
     return backend
 
 
@@ -145,12 +148,39 @@ def requested_backend(op: str, backend: str | None) -> str | None:
     if not env:
         return None
     if "=" not in env:
+        if env not in {b.name for family in _REGISTRY.values() for b in family.values()}:
+            names = sorted({b.name for family in _REGISTRY.values() for b in family.values()})
+            raise BackendError(f"VLCORE_BACKEND={env!r}: unknown backend; valid names: {', '.join(names)} "
+                               "(or OP=BACKEND pairs such as attention=triton,vq=cuda)")
         return env
+    return _env_choices(env).get(op)
+
+
+# Parsed per-op settings by VLCORE_BACKEND text (valid ones only: a bad setting raises on every call).
+_ENV_CHOICES: dict[str, dict[str, str]] = {}
+
+
+def _env_choices(env: str) -> dict[str, str]:
+    """``op=backend,...`` checked against the registry: a misspelt op or backend is an error, never ignored
+    (silently ignoring ``vq_nearest=triton`` would run the default backend while the user believes otherwise)."""
+    if env in _ENV_CHOICES:
+        return _ENV_CHOICES[env]
+    out: dict[str, str] = {}
     for item in env.split(","):
-        key, _, value = item.partition("=")
-        if key.strip() == op:
-            return value.strip()
-    return None
+        key, eq, value = (x.strip() for x in item.partition("="))
+        if not eq or not key or not value:
+            raise BackendError(f"VLCORE_BACKEND={env!r}: expected one backend name for every op (e.g. triton) or "
+                               f"OP=BACKEND pairs separated by commas (e.g. attention=triton,vq=cuda); "
+                               f"found the item {item.strip()!r}")
+        if key not in _REGISTRY:
+            raise BackendError(f"VLCORE_BACKEND={env!r}: unknown op {key!r}; valid ops: {', '.join(ops())}")
+        names = [b.name for b in backends(key)]
+        if value not in names:
+            raise BackendError(f"VLCORE_BACKEND={env!r}: op {key!r} has no backend {value!r}; its backends: "
+                               f"{', '.join(names)}")
+        out[key] = value
+    _ENV_CHOICES[env] = out
+    return out
 
 
 def choose(op: str, problem: Problem, backend: str | None = None) -> Backend:
@@ -166,8 +196,8 @@ def choose(op: str, problem: Problem, backend: str | None = None) -> Backend:
         return chosen
     refused = []
     for cand in backends(op):
-        if problem.device.type == "cpu" and cand.name != REFERENCE:
-            continue  # compiled backends on CPU only by explicit request (interpreter)
+        if problem.device.type not in cand.devices:
+            continue  # not this device's backend (compiled backends on CPU: explicit request only, interpreter)
         reasons = cand.refusals(problem)
         if not reasons:
             for name, why in refused:

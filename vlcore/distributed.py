@@ -1,4 +1,4 @@
-"""Distributed helpers: an all_gather with gradient for variable local sizes (DESIGN.md §5).
+"""Distributed helpers: an all_gather with gradient for variable local sizes (docs/design.md §5).
 
 ``all_gather(x)`` concatenates every rank's ``x`` along dim 0 — local sizes may differ — and its backward
 sends each rank the gradient of its own rows **summed over the ranks** (a reduce-scatter): with

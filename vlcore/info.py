@@ -54,7 +54,8 @@ def report() -> str:
         lines.append(f"{r['op']:<{width}}  {r['backend']:<10} {status:<11} {detail}")
     lines.append("")
     lines.append("Automatic choice: CUDA tensors -> the highest-priority available backend that accepts the inputs; "
-                 "CPU tensors -> reference. Override with backend=... or VLCORE_BACKEND.")
+                 "CPU tensors -> cpu when it accepts them, else reference. Override with backend=... or "
+                 "VLCORE_BACKEND.")
     return "\n".join(lines)
 
 

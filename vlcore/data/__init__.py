@@ -3,6 +3,7 @@
 from vlcore.data.digits_scenes import DigitsScenes
 from vlcore.data.loader import Collator, DigitsSource, ShardSource
 from vlcore.data.shards import ShardStream
+from vlcore.data.skips import DataError
 from vlcore.data.tokenizer import ByteBPETokenizer
 
-__all__ = ["ByteBPETokenizer", "Collator", "DigitsScenes", "DigitsSource", "ShardSource", "ShardStream"]
+__all__ = ["ByteBPETokenizer", "Collator", "DataError", "DigitsScenes", "DigitsSource", "ShardSource", "ShardStream"]

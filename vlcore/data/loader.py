@@ -7,13 +7,21 @@ deterministic stream up to the position.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 
 import torch
 
 from vlcore.data.digits_scenes import DigitsScenes, in_words, scenes_to_arrays
 from vlcore.data.shards import ShardStream
+from vlcore.data.skips import DataError, SkipTally
 from vlcore.data.tokenizer import ByteBPETokenizer
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the training process, which finishes its step and saves a checkpoint
+    (a worker that died of the SIGINT sent to the whole terminal group would fail the batch it owes)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Collator:
@@ -62,8 +70,8 @@ class Collator:
             box_mask = box_mask.view(B, R, -1) & valid[..., None]
             batch.update(boxes=boxes, box_valid=valid, box_labels=torch.full((B, R), -100, dtype=torch.long),
                          box_text=box_text.view(B, R, -1).masked_fill(~box_mask, 0), box_text_mask=box_mask)
-        if "_skipped" in samples[-1]:
-            batch["_skipped"] = torch.tensor([samples[-1]["_worker"], samples[-1]["_skipped"]])
+        if "_skips" in samples[-1]:  # the latest tally of the worker that made this batch
+            batch["_skips"] = (samples[-1]["_worker"], samples[-1]["_skips"])
         return batch
 
 
@@ -95,8 +103,14 @@ class DigitsSource:
         self.dataset, self.collator, self.batch_size = dataset, collator, batch_size
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.position = 0  # batches this rank has consumed
-        self.skipped = 0
+        self.skipped = 0  # generated data: nothing is ever skipped
         self._it = None
+
+    def skip_reasons(self) -> dict[str, int]:
+        return {}
+
+    def skip_summary(self) -> str:
+        return ""  # nothing to report for generated data
 
     def make_batch(self, n: int) -> dict:
         start = (n * self.world_size + self.rank) * self.batch_size
@@ -112,6 +126,7 @@ class DigitsSource:
                 # would shift dropout masks between an uninterrupted and a resumed run.
                 loader = torch.utils.data.DataLoader(_DigitsBatches(self, self.position), batch_size=None,
                                                      num_workers=self.num_workers, prefetch_factor=4,
+                                                     worker_init_fn=_ignore_interrupts,
                                                      generator=torch.Generator().manual_seed(self.position))
                 self._it = iter(loader)
             batch = next(self._it)
@@ -132,19 +147,35 @@ class ShardSource:
     def __init__(self, stream: ShardStream, collator: Collator, batch_size: int, num_workers: int = 2):
         self.stream, self.collator, self.batch_size, self.num_workers = stream, collator, batch_size, num_workers
         self.position = 0
-        self._skipped_by_worker: dict[int, int] = {}
+        self._tally_by_worker: dict[int, tuple[dict, dict]] = {}
         self._it = None
 
     def _iterator(self):
         loader = torch.utils.data.DataLoader(self.stream, batch_size=self.batch_size, collate_fn=self.collator,
                                              num_workers=self.num_workers, drop_last=True,
                                              persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
+                                             worker_init_fn=_ignore_interrupts,
                                              generator=torch.Generator().manual_seed(self.stream.seed))
         return iter(loader)
 
+    def _tally(self) -> SkipTally:
+        """All workers' skips, as of the batches delivered so far (a worker's tally rides with its batches)."""
+        total = SkipTally()
+        for counts, examples in self._tally_by_worker.values():
+            total.merge(SkipTally(counts, examples))
+        return total
+
     @property
     def skipped(self) -> int:
-        return sum(self._skipped_by_worker.values()) if self._skipped_by_worker else self.stream.skipped
+        return self._tally().total
+
+    def skip_reasons(self) -> dict[str, int]:
+        return dict(sorted(self._tally().counts.items()))
+
+    def skip_summary(self) -> str:
+        """``skipped 3 samples: undecodable_image 2 (first: ...), ...`` or ``no sample skipped``."""
+        tally = self._tally()
+        return f"skipped {tally.total} samples: {tally.describe()}" if tally.total else "no sample skipped"
 
     def next_batch(self) -> dict:
         if self._it is None:
@@ -159,14 +190,18 @@ class ShardSource:
             batch = next(self._it)
         except StopIteration:
             raise RuntimeError(f"the shard stream ended: no valid samples in {self.stream.urls} "
-                               f"({self.skipped} skipped)") from None
-        tag = batch.pop("_skipped", None)
+                               f"({self.skip_summary()})") from None
+        except DataError as e:
+            # From a worker process the message holds the worker's traceback; the user needs its last line.
+            raise DataError(str(e).rpartition("DataError: ")[2].strip()) from None
+        tag = batch.pop("_skips", None)
         if tag is not None:
-            self._skipped_by_worker[int(tag[0])] = int(tag[1])
+            self._tally_by_worker[int(tag[0])] = tag[1]
         return batch
 
     def state_dict(self) -> dict:
-        return {"kind": "shards", "position": self.position, "skipped": self.skipped}
+        return {"kind": "shards", "position": self.position, "skipped": self.skipped,
+                "skipped_by_reason": self.skip_reasons()}
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])

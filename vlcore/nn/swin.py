@@ -22,8 +22,12 @@ import torch
 from torch import nn
 
 import vlcore
-from vlcore.nn.transformer import LN_EPS, MLP
+from vlcore.nn.transformer import MLP
 from vlcore.nn.vit import PatchEmbed
+
+# LayerNorm eps of timm's and the original Swin (nn.LayerNorm's default), not the 1e-6 of vlcore's ViT-style
+# blocks: with timm weights loaded, 1e-6 moves outputs by per cents on small-variance tokens.
+SWIN_LN_EPS = 1e-5
 
 
 @functools.lru_cache(maxsize=64)
@@ -104,9 +108,9 @@ class SwinBlock(nn.Module):
         perm = torch.tensor(perm, dtype=torch.long)
         self.register_buffer("perm", perm, persistent=False)
         self.register_buffer("inverse", torch.argsort(perm), persistent=False)
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm1 = nn.LayerNorm(dim, eps=SWIN_LN_EPS)
         self.attn = WindowAttention(dim, heads, window, backend=backend)
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm2 = nn.LayerNorm(dim, eps=SWIN_LN_EPS)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +124,7 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, resolution: tuple[int, int]):
         super().__init__()
         self.resolution = resolution
-        self.norm = nn.LayerNorm(4 * dim, eps=LN_EPS)
+        self.norm = nn.LayerNorm(4 * dim, eps=SWIN_LN_EPS)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +148,7 @@ class SwinEncoder(nn.Module):
         if len(depths) != len(heads):
             raise ValueError(f"SwinEncoder: depths {depths} and heads {heads} must have the same length")
         self.patch_embed = PatchEmbed(image_size, patch_size, embed_dim)
-        self.patch_norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        self.patch_norm = nn.LayerNorm(embed_dim, eps=SWIN_LN_EPS)
         res, dim = self.patch_embed.grid, embed_dim
         self.blocks = nn.ModuleList()
         for i, (depth, h) in enumerate(zip(depths, heads)):
@@ -155,7 +159,7 @@ class SwinEncoder(nn.Module):
                 res, dim = (res[0] // 2, res[1] // 2), dim * 2
             for j in range(depth):
                 self.blocks.append(SwinBlock(dim, h, res, window, (window // 2) * (j % 2), mlp_ratio, backend))
-        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm = nn.LayerNorm(dim, eps=SWIN_LN_EPS)
         self.grid, self.out_dim, self.checkpoint = res, dim, checkpoint
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

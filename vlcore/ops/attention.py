@@ -1,6 +1,6 @@
 """``vlcore.attention``: validation, backend dispatch, ``torch.library`` registration and autograd.
 
-Semantics: DESIGN.md §1 and :mod:`vlcore.reference.attention`. Backends implement
+Semantics: docs/design.md §1 and :mod:`vlcore.reference.attention`. Backends implement
 
     forward(q, k, v, causal, prefix_lens, kv_lens, table, grid, start, scale) -> (out, lse)
     backward(dout, q, k, v, out, lse, causal, prefix_lens, kv_lens, table, grid, start, scale)
@@ -14,10 +14,13 @@ registered op ``vlcore::attention``, which ``torch.compile(fullgraph=True)`` tra
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from vlcore import _validate as V
 from vlcore import dispatch
+from vlcore.cpu import attention as cpu_attention
 from vlcore.reference import attention as ref
 
 OP = "attention"
@@ -44,6 +47,12 @@ dispatch.register(dispatch.Backend(
 ))
 
 
+dispatch.register(dispatch.Backend(
+    op=OP, name=dispatch.CPU, devices=("cpu",), dtypes=cpu_attention.DTYPES, priority=5, load=lambda: cpu_attention,
+    description="torch SDPA CPU kernels (flash where maskless), mask/bias built once per call, autograd",
+))
+
+
 def _load_triton():
     from vlcore.kernels import attention as kernels
 
@@ -51,12 +60,10 @@ def _load_triton():
 
 
 def _triton_supports(problem: dispatch.Problem) -> list[str]:
-    from vlcore.kernels.attention_limits import SUPPORTED_HEAD_DIMS
+    from vlcore.kernels.attention_limits import head_dim_refusal
 
-    dim = problem["head_dim"]
-    if dim not in SUPPORTED_HEAD_DIMS:
-        return [f"head dim {dim} not supported (supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})"]
-    return []
+    refusal = head_dim_refusal(problem["head_dim"])
+    return [refusal] if refusal else []
 
 
 dispatch.register(dispatch.Backend(
@@ -144,7 +151,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         rel_pos_table: ((2gh-1)(2gw-1), H) learnable table (Swin/timm layout) for the grid of tokens
             [rel_pos_start, rel_pos_start + gh*gw) given by ``rel_pos_grid=(gh, gw)``.
         scale: score multiplier, default 1/sqrt(D).
-        backend: ``reference`` | ``triton`` | ``cuda`` (default: automatic, see :mod:`vlcore.dispatch`).
+        backend: ``reference`` | ``cpu`` | ``triton`` | ``cuda`` (default: automatic, see :mod:`vlcore.dispatch`).
 
     Returns:
         (B, Nq, H, D) in q's dtype.
@@ -158,6 +165,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         "prefix": prefix_lens is not None, "padding": kv_lens is not None, "rel_pos": rel_pos_table is not None,
     })
     chosen = dispatch.choose(OP, problem, backend)
+    if chosen.name == dispatch.CPU:  # differentiated by autograd through SDPA, not through the registered op
+        return cpu_attention.attention(q, k, v, causal=causal, prefix_lens=prefix_lens, kv_lens=kv_lens,
+                                       rel_pos_table=rel_pos_table, rel_pos_grid=grid, rel_pos_start=rel_pos_start,
+                                       scale=scale)
     if chosen.name == dispatch.REFERENCE:
         return ref.attention(q, k, v, causal=causal, prefix_lens=prefix_lens, kv_lens=kv_lens,
                              rel_pos_table=rel_pos_table, rel_pos_grid=grid, rel_pos_start=rel_pos_start, scale=scale)
@@ -175,6 +186,8 @@ def _check(q, k, v, prefix_lens, kv_lens, table, grid, start):
         raise ValueError(f"{_NAME}: `q` must have batch {batch} (as k) or 1 (queries shared by the batch); "
                          f"got {V.describe(q)}")
     V.shape(_NAME, "q", q, (q.shape[0], None, heads, dim), "(B or 1, Nq, H, D) with H and D of k")
+    if dim < 1:  # the default scale is 1/sqrt(D)
+        raise ValueError(f"{_NAME}: `q` must have head dim D >= 1; got {V.describe(q)}")
     if v.shape[-1] != dim:
         raise ValueError(f"{_NAME}: `v` must have head dim {dim} (as q and k); got {V.describe(v)}")
     V.same_dtype(_NAME, "q", q, k=k, v=v)
@@ -189,12 +202,29 @@ def _check(q, k, v, prefix_lens, kv_lens, table, grid, start):
         raise ValueError(f"{_NAME}: `rel_pos_table` and `rel_pos_grid` go together; got "
                          f"rel_pos_table={'None' if table is None else V.describe(table)}, rel_pos_grid={grid}")
     if table is not None:
-        if len(grid) != 2 or min(int(grid[0]), int(grid[1])) < 1:
-            raise ValueError(f"{_NAME}: `rel_pos_grid` must be (gh, gw) with positive ints; got {grid}")
-        gh, gw = int(grid[0]), int(grid[1])
-        V.tensor(_NAME, "rel_pos_table", table, ndim=2, dtypes=V.FLOAT_DTYPES, layout="((2gh-1)(2gw-1), H)")
-        V.shape(_NAME, "rel_pos_table", table, ((2 * gh - 1) * (2 * gw - 1), heads),
-                f"((2gh-1)(2gw-1), H) for rel_pos_grid=({gh}, {gw}) and H={heads}")
-        if not 0 <= int(start) <= max(q.shape[1], nk):
-            raise ValueError(f"{_NAME}: `rel_pos_start` must lie in [0, {max(q.shape[1], nk)}]; got {start}")
+        _check_rel_pos(table, grid, start, heads, max(q.shape[1], nk))
     return q, k, v
+
+
+def _check_rel_pos(table, grid, start, heads, seq):
+    """The grid of tokens [start, start + gh·gw) must lie inside the sequence it indexes (``seq`` = max(Nq, Nk))
+    and the table must hold one row per relative offset."""
+    try:
+        gh, gw = (operator.index(g) for g in grid)
+    except (TypeError, ValueError):
+        raise ValueError(f"{_NAME}: `rel_pos_grid` must be (gh, gw), two ints; got {grid!r}") from None
+    if min(gh, gw) < 1:
+        raise ValueError(f"{_NAME}: `rel_pos_grid` must be (gh, gw) with gh, gw >= 1; got {grid}")
+    V.tensor(_NAME, "rel_pos_table", table, ndim=2, dtypes=V.FLOAT_DTYPES, layout="((2gh-1)(2gw-1), H)")
+    V.shape(_NAME, "rel_pos_table", table, ((2 * gh - 1) * (2 * gw - 1), heads),
+            f"((2gh-1)(2gw-1), H) for rel_pos_grid=({gh}, {gw}) and H={heads}")
+    try:
+        start = operator.index(start)
+    except TypeError:
+        raise ValueError(f"{_NAME}: `rel_pos_start` must be an int >= 0; got {start!r}") from None
+    if start < 0:
+        raise ValueError(f"{_NAME}: `rel_pos_start` must be an int >= 0; got {start!r}")
+    if start + gh * gw > seq:
+        raise ValueError(f"{_NAME}: `rel_pos_start` + gh*gw must be <= the sequence length max(Nq, Nk) = {seq} "
+                         f"(the grid's tokens must exist); got rel_pos_start={start}, rel_pos_grid=({gh}, {gw}): "
+                         f"{start} + {gh * gw} = {start + gh * gw}")

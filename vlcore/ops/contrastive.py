@@ -1,6 +1,6 @@
 """``vlcore.contrastive_loss``: validation, distribution over ranks, backend dispatch, ``torch.library`` + autograd.
 
-Semantics: DESIGN.md §3 and :mod:`vlcore.reference.contrastive`. The loss is assembled from one op over
+Semantics: docs/design.md §3 and :mod:`vlcore.reference.contrastive`. The loss is assembled from one op over
 *local rows × gathered columns* (see the reference's docstring); backends implement
 
     forward(x, y, scale, bias, offset, kind) -> (rows (b,) fp32/fp64, lse ((b,) for infonce, (0,) for siglip))
@@ -21,6 +21,8 @@ import torch.distributed as dist
 from vlcore import _ext, dispatch
 from vlcore import _validate as V
 from vlcore import distributed as vdist
+from vlcore.cpu import contrastive as cpu_contrastive
+from vlcore.kernels._launch import launch_context
 from vlcore.reference import contrastive as ref
 
 OP = "contrastive_loss"
@@ -40,6 +42,13 @@ class _ReferenceBackend:
 dispatch.register(dispatch.Backend(
     op=OP, name=dispatch.REFERENCE, devices=("cpu", "cuda"), dtypes=V.FLOAT_DTYPES, priority=0,
     load=_ReferenceBackend, description="PyTorch, materialises the (b, B) logits",
+))
+
+
+dispatch.register(dispatch.Backend(
+    op=OP, name=dispatch.CPU, devices=("cpu",), dtypes=V.FLOAT_DTYPES, priority=5,
+    load=lambda: cpu_contrastive.CpuContrastive,
+    description="column chunks with an online log-sum-exp (memory linear in the batch), chunked exact backward",
 ))
 
 
@@ -71,7 +80,10 @@ dispatch.register(dispatch.Backend(
 
 
 class _CudaBackend:
-    """csrc/contrastive.cu through vlcore._C: raw pointers, strides, dtype code and the current stream."""
+    """csrc/contrastive.cu through vlcore._C: raw pointers, strides, dtype code and the current stream.
+
+    A portable fallback for machines where Triton is unavailable, not the fast path: 32 x 32 shared-memory tiles
+    with fp32 FMAs (no tensor cores), not benchmarked on a GPU yet; ranked below triton."""
 
     @staticmethod
     def _scalars(scale, bias):
@@ -86,7 +98,7 @@ class _CudaBackend:
         rows = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         lse = torch.empty(0 if siglip else x.shape[0], dtype=torch.float32, device=x.device)
         s32, b32 = _CudaBackend._scalars(scale, bias)
-        with torch.cuda.device(x.device):  # the kernels launch on the current device
+        with launch_context("contrastive.fwd[cuda]", x):  # the kernels launch on the current device
             _ext.extension().contrastive_fwd(
                 x.data_ptr(), y.data_ptr(), s32.data_ptr(), b32.data_ptr(), rows.data_ptr(),
                 (rows if siglip else lse).data_ptr(), x.shape[0], y.shape[0], x.shape[1], int(offset), x.stride(0),
@@ -102,7 +114,7 @@ class _CudaBackend:
         row_blocks = -(-x.shape[0] // _CUDA_ROW_TILE)
         partial = torch.empty(2 * row_blocks, dtype=torch.float32, device=x.device)
         s32, b32 = _CudaBackend._scalars(scale, bias)
-        with torch.cuda.device(x.device):
+        with launch_context("contrastive.bwd[cuda]", x):
             _ext.extension().contrastive_bwd(
                 drow.data_ptr(), x.data_ptr(), y.data_ptr(), s32.data_ptr(), b32.data_ptr(),
                 (drow if siglip else lse).data_ptr(), dx.data_ptr(), dy.data_ptr(), partial.data_ptr(), x.shape[0],
@@ -119,7 +131,7 @@ _CUDA_ROW_TILE = 32  # kTile in csrc/contrastive.cu
 dispatch.register(dispatch.Backend(
     op=OP, name=dispatch.CUDA, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
     priority=10, load=_CudaBackend, requires=lambda: dispatch.cuda_ext_missing("contrastive_fwd"),
-    description="CUDA (csrc/contrastive.cu): 32x32 shared-memory tiles, fp32 math, no b x B buffer",
+    description="csrc/contrastive.cu, portable fallback: 32x32 shared-memory tiles, fp32 FMA math, no b x B buffer",
 ))
 
 
@@ -266,7 +278,7 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
         logit_bias: SigLIP's learnable bias (required for siglip, rejected for infonce where it cancels): a float
             or a one-element tensor.
         group: a ``torch.distributed`` process group (default: the default group when initialised, else none).
-        backend: ``reference`` | ``triton`` | ``cuda`` (default: automatic, see :mod:`vlcore.dispatch`).
+        backend: ``reference`` | ``cpu`` | ``triton`` | ``cuda`` (default: automatic, see :mod:`vlcore.dispatch`).
 
     Returns:
         0-dim loss in float32 (float64 for float64 inputs).
@@ -335,15 +347,17 @@ def _scalar(name: str, value, ref_t: torch.Tensor) -> torch.Tensor:
 def _check(image, text, logit_scale, kind, logit_bias, *, allow_empty: bool):
     for name, t in (("image_emb", image), ("text_emb", text)):
         V.tensor(_NAME, name, t, ndim=2, dtypes=V.FLOAT_DTYPES, layout="(b, D)")
+        # each tensor is checked on its own, so the message names the one that is wrong
+        if t.shape[1] == 0:
+            raise ValueError(f"{_NAME}: `{name}` must have shape (b, D) with D >= 1; got D = 0 ({V.describe(t)})")
+        if t.shape[0] == 0 and not allow_empty:
+            raise ValueError(f"{_NAME}: `{name}` must have shape (b, D) with b >= 1 rows outside a distributed "
+                             f"group; got an empty batch, b = 0 ({V.describe(t)})")
     if kind not in ref.KINDS:
         raise ValueError(f"{_NAME}: `kind` must be one of {ref.KINDS}; got {kind!r}")
     V.shape(_NAME, "text_emb", text, tuple(image.shape), "(b, D) matching image_emb")
     V.same_dtype(_NAME, "image_emb", image, text_emb=text)
     V.same_device(_NAME, "image_emb", image, text_emb=text)
-    if image.shape[1] == 0:
-        raise ValueError(f"{_NAME}: embeddings must have D >= 1; got {V.describe(image)}")
-    if image.shape[0] == 0 and not allow_empty:
-        raise ValueError(f"{_NAME}: empty batch (b = 0) outside a distributed group; got {V.describe(image)}")
     for name, t in (("image_emb", image), ("text_emb", text)):
         V.last_dim_contiguous(_NAME, name, t)
     scale = _scalar("logit_scale", logit_scale, image)

@@ -1,6 +1,6 @@
 """``vlcore.vq_nearest`` and ``vlcore.vq_statistics``: validation, dispatch, ``torch.library`` registration.
 
-Semantics: DESIGN.md §4 and :mod:`vlcore.reference.vq`. Backends (op family ``vq``) implement
+Semantics: docs/design.md §4 and :mod:`vlcore.reference.vq`. Backends (op family ``vq``) implement
 
     nearest(x (N, D), codebook (K, D), distance) -> (indices int64 [N], squared distances fp32 [N])
     statistics(x (N, D), indices [N], num_codes) -> packed fp32 (K, D + 1): [:, :D] sums, [:, D] counts
@@ -17,6 +17,8 @@ import torch
 
 from vlcore import _ext, dispatch
 from vlcore import _validate as V
+from vlcore.kernels._launch import launch_context
+from vlcore.cpu import vq as cpu_vq
 from vlcore.reference import vq as ref
 
 OP = "vq"
@@ -54,8 +56,17 @@ dispatch.register(dispatch.Backend(
 ))
 
 
+dispatch.register(dispatch.Backend(
+    op=OP, name=dispatch.CPU, devices=("cpu",), dtypes=V.FLOAT_DTYPES, priority=5, load=lambda: cpu_vq.CpuVQ,
+    description="cache-sized (rows x codebook chunk) addmm tiles + running argmin, packed statistics",
+))
+
+
 class _CudaBackend:
-    """csrc/vq.cu through vlcore._C: raw pointers, strides, dtype codes and the current stream."""
+    """csrc/vq.cu through vlcore._C: raw pointers, strides, dtype codes and the current stream.
+
+    A portable fallback for machines where Triton is unavailable, not the fast path: fixed 64 x 64 tiles (WMMA
+    for 16-bit l2, fp32 FMAs otherwise), no autotuning, not benchmarked on a GPU yet; ranked below triton."""
 
     @staticmethod
     def nearest(x, codebook, distance):
@@ -66,11 +77,12 @@ class _CudaBackend:
             raise ValueError(f"{_NAME}: the cuda backend supports K < 2^31 entries; got K = {e.shape[0]}")
         idx = torch.empty(n, dtype=torch.int64, device=x.device)
         dist = torch.empty(n, dtype=torch.float32, device=x.device)
-        _ext.extension().vq_nearest(x.data_ptr(), e.data_ptr(), e_sq.data_ptr(), idx.data_ptr(), dist.data_ptr(), n,
-                                    e.shape[0], dim, x.stride(0), e.stride(0), _ext.dtype_code(x),
-                                    _ext.dtype_code(e), distance == "cosine", ref.NORMALIZE_EPS,
-                                    _ext.stream_handle(x.device))
-        return idx, dist
+        with launch_context("vq.nearest[cuda]", x):  # the extension launches on the current device
+            _ext.extension().vq_nearest(x.data_ptr(), e.data_ptr(), e_sq.data_ptr(), idx.data_ptr(), dist.data_ptr(),
+                                        n, e.shape[0], dim, x.stride(0), e.stride(0), _ext.dtype_code(x),
+                                        _ext.dtype_code(e), distance == "cosine", ref.NORMALIZE_EPS,
+                                        _ext.stream_handle(x.device))
+        return ref.first_identical(e)[idx], dist  # duplicates to their first copy (see the reference)
 
     @staticmethod
     def statistics(x, indices, num_codes):
@@ -78,9 +90,10 @@ class _CudaBackend:
         dim = x.shape[1]
         out = torch.empty(num_codes, dim + 1, dtype=torch.float32, device=x.device)
         _, order, offsets = ref.sorted_segments(indices, num_codes)
-        _ext.extension().vq_statistics(x.data_ptr(), order.data_ptr(), offsets.data_ptr(), out.data_ptr(), num_codes,
-                                       dim, x.stride(0), out.stride(0), _ext.dtype_code(x),
-                                       _ext.stream_handle(x.device))
+        with launch_context("vq.statistics[cuda]", x):
+            _ext.extension().vq_statistics(x.data_ptr(), order.data_ptr(), offsets.data_ptr(), out.data_ptr(),
+                                           num_codes, dim, x.stride(0), out.stride(0), _ext.dtype_code(x),
+                                           _ext.stream_handle(x.device))
         return out
 
     @staticmethod
@@ -91,9 +104,11 @@ class _CudaBackend:
         k, dim = codebook.shape
         packed = packed.float().contiguous()
         total = ref.ema_counts_step(ema_counts, packed[:, dim], gamma)
-        _ext.extension().vq_ema(codebook.data_ptr(), ema_counts.data_ptr(), ema_sums.data_ptr(), packed.data_ptr(),
-                                total.data_ptr(), k, dim, packed.stride(0), float(gamma), float(1.0 - gamma),
-                                float(eps), float(k * eps), _ext.stream_handle(codebook.device))
+        with launch_context("vq.ema[cuda]", codebook):
+            _ext.extension().vq_ema(codebook.data_ptr(), ema_counts.data_ptr(), ema_sums.data_ptr(),
+                                    packed.data_ptr(), total.data_ptr(), k, dim, packed.stride(0), float(gamma),
+                                    float(1.0 - gamma), float(eps), float(k * eps),
+                                    _ext.stream_handle(codebook.device))
 
 
 def _load_triton():
@@ -112,7 +127,7 @@ dispatch.register(dispatch.Backend(
 dispatch.register(dispatch.Backend(
     op=OP, name=dispatch.CUDA, devices=("cuda",), dtypes=_LOWP, priority=10, load=_CudaBackend,
     requires=lambda: dispatch.cuda_ext_missing("vq_nearest"),
-    description="csrc/vq.cu: WMMA (16-bit l2) or fp32-FMA tiles, warp-level argmin, sorted deterministic statistics",
+    description="csrc/vq.cu, portable fallback: WMMA (16-bit l2) or fp32-FMA tiles, sorted deterministic statistics",
 ))
 
 
@@ -173,7 +188,7 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, *, distance: str = "l2",
         x: (..., D) features, fp16/bf16/fp32/fp64.
         codebook: (K, D) entries, any float dtype (represented in x's dtype for the distance).
         distance: ``"l2"`` (squared Euclidean) or ``"cosine"`` (squared L2 between L2-normalised vectors).
-        backend: ``reference`` | ``triton`` | ``cuda`` (default: automatic, see :mod:`vlcore.dispatch`).
+        backend: ``reference`` | ``cpu`` | ``triton`` | ``cuda`` (default: automatic, see :mod:`vlcore.dispatch`).
 
     Returns:
         (indices int64, squared distances fp32 (fp64 for fp64 x)), both of shape ``x.shape[:-1]``;

@@ -7,7 +7,7 @@ batch). With logits l_ij = s·x_i·y_j (+ bias) the per-row terms are
     InfoNCE:  r_i = logsumexp_j(l_ij) − l_{i, offset+i}
     SigLIP:   r_i = Σ_j −log σ(z_ij·l_ij) = Σ_j softplus(−z_ij·l_ij),   z_ij = +1 if j = offset+i else −1
 
-and the global-batch losses (B rows in all, DESIGN.md §3) are
+and the global-batch losses (B rows in all, docs/design.md §3) are
 
     InfoNCE = ( Σ_i r_i(images vs all texts) + Σ_i r_i(texts vs all images) ) / (2B)
     SigLIP  =   Σ_i r_i(images vs all texts) / B

@@ -11,9 +11,14 @@ Nearest entry (the op ``vlcore.vq_nearest``)::
 * ``distance="cosine"``: x and e are L2-normalised (``F.normalize``, eps 1e-12) and d is the squared L2 distance
   between the normalised vectors (= 2 - 2 cos for non-zero vectors).
 * Computed as ||x||^2 - 2 x.e + ||e||^2 in row chunks (bounded memory); d is clamped at 0.
-* Ties: equal computed scores go to the lowest j. Exact ties (duplicate or equidistant entries) are equal
-  scores whenever the dot products are exact — e.g. zero entries, or small-integer data as in the tests; for
-  other duplicates a BLAS may round the same dot product differently in different columns.
+* Ties: equal computed scores go to the lowest j (torch.argmin). Duplicate entries always go to the lowest
+  index, whatever the rounding: a BLAS (or the Triton interpreter's numpy matmul) may round the same dot product
+  differently in different columns, so after the argmin every index is mapped to the first entry identical to it
+  (:func:`first_identical`) — on every backend. Equidistant distinct entries tie exactly whenever the dot
+  products are exact (e.g. small-integer data as in the tests).
+* NaN (torch.argmin's semantics, on every backend): a NaN score is below every number. A row of x holding a NaN
+  gets distance NaN and index 0 (all its scores are NaN); a codebook entry holding a NaN takes every row (the
+  first such entry), with distance NaN. The clamp at 0 keeps NaN.
 
 Statistics: counts_j = #{i : h_i = j}, sums_j = sum_{i : h_i = j} x_i, both fp32, by scatter-add (no N x K
 one-hot as in SOHO's release).
@@ -66,15 +71,16 @@ def vq_nearest(x: torch.Tensor, codebook: torch.Tensor, distance: str = "l2") ->
 
 def _nearest_chunks(x, e, e_sq, distance, rows, indices, dist):
     cdt = e.dtype
+    first = first_identical(e)
     for start in range(0, x.shape[0], rows):
         xc = x[start:start + rows].detach().to(cdt)
         if distance == "cosine":
             xc = F.normalize(xc, dim=1, eps=NORMALIZE_EPS)
         scores = e_sq[None, :] - 2.0 * (xc @ e.T)  # ||x - e||^2 - ||x||^2
-        idx = scores.argmin(dim=1)  # the first minimum on ties
+        idx = scores.argmin(dim=1)  # the first minimum on ties, the first NaN before any number
         best = scores.gather(1, idx.unsqueeze(1)).squeeze(1)
-        indices[start:start + rows] = idx
-        dist[start:start + rows] = (best + (xc * xc).sum(1)).clamp_min(0)
+        indices[start:start + rows] = first[idx]
+        dist[start:start + rows] = (best + (xc * xc).sum(1)).clamp_min(0)  # clamp_min keeps NaN
 
 
 @torch.no_grad()
@@ -133,6 +139,31 @@ def dot_operands(codebook: torch.Tensor, x_dtype: torch.dtype, distance: str) ->
         return e, (e * e).sum(1)
     e = codebook.detach().to(x_dtype).contiguous()
     return e, e.float().pow(2).sum(1)
+
+
+def first_identical(e: torch.Tensor) -> torch.Tensor:
+    """int64 [K]: for every entry j the lowest index j' whose row equals row j (j itself when unique).
+
+    Applied to the argmin so that duplicate entries go to the lowest index however the backend rounds each
+    column. O(K D) work and a sort of K hashes, fixed sizes: no host sync. Rows holding a NaN are never equal
+    (NaN != NaN) and map to themselves; -0.0 and +0.0 are equal. A 64-bit hash collision between different rows
+    only means that their duplicates are not merged (the plain argmin then decides)."""
+    k = e.shape[0]
+    if k == 1:
+        return torch.zeros(1, dtype=torch.int64, device=e.device)
+    rows = e.detach() + 0.0  # -0.0 -> +0.0: equal values, equal bits
+    bits = rows.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[rows.element_size()])
+    # per-column odd multipliers (golden-ratio sequence, wrapping int64 arithmetic): a position-dependent hash
+    weights = torch.arange(1, e.shape[1] + 1, dtype=torch.int64, device=e.device) * -7046029254386353131 | 1
+    order = torch.sort((bits.long() * weights).sum(1), stable=True).indices
+    ordered = rows[order]
+    starts = torch.ones(k, dtype=torch.bool, device=e.device)
+    starts[1:] = ~(ordered[1:] == ordered[:-1]).all(1)
+    group = torch.cumsum(starts, 0) - 1
+    lowest = torch.full((k,), k, dtype=torch.int64, device=e.device).scatter_reduce(0, group, order, "amin")
+    first = torch.empty(k, dtype=torch.int64, device=e.device)
+    first[order] = lowest[group]
+    return first
 
 
 def sorted_segments(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -4,7 +4,11 @@ Every model trains with its own objective: the loop backpropagates ``model(batch
 scalars the model returns. AdamW with warm-up + cosine, gradient clipping, gradient accumulation, bf16 autocast
 on GPUs, activation checkpointing (every block of the model's ``nn.ModuleList``s), ``torch.compile``, DDP or FSDP.
 A resumed run restores weights, optimizer, scheduler, every rank's RNG and the data position, so it continues
-with exactly the losses an uninterrupted run would have had.
+with exactly the losses an uninterrupted run would have had, and the run's own settings (flags given explicitly
+override them; ``--resume auto`` finds the run to continue after a restart).
+
+A step whose loss or gradient is not finite is skipped, not applied (see :mod:`vlcore.train.guard`); SIGINT and
+SIGTERM end the current step, save a checkpoint and exit 130 / 143.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from vlcore.data.digits_scenes import ANSWERS, QUESTIONS, DigitsScenes, in_words
 from vlcore.data.loader import Collator, DigitsSource, ShardSource
 from vlcore.data.shards import ShardStream, read_captions
 from vlcore.data.tokenizer import ByteBPETokenizer
-from vlcore.train import checkpoint, distributed, evaluation
+from vlcore.train import checkpoint, distributed, evaluation, faults, resume, run_folder
+from vlcore.train.guard import BufferSnapshot, NonFiniteSteps, RunStopped, StopRequests
 from vlcore.train.optim import build_optimizer, build_scheduler
 from vlcore.train.progress import MetricsLog, Progress, plot_metrics
 
@@ -48,6 +53,7 @@ class TrainConfig:
     warmup: int = 150
     weight_decay: float = 0.05
     clip_grad: float = 1.0
+    max_skipped_steps: int = 5  # consecutive steps with a non-finite loss or gradient before the run stops
     seed: int = 0
     precision: str = "auto"
     device: str = "auto"
@@ -56,6 +62,7 @@ class TrainConfig:
     dist: str = "ddp"
     out_dir: str | None = None
     resume: str | None = None
+    overwrite: bool = False  # replace the run already in out_dir (else that is an error)
     save_every: int = 500
     keep: int = 2
     log_every: int = 10
@@ -68,8 +75,12 @@ class TrainConfig:
     threads: int = 0
     scene_mix: tuple = (0.5, 0.25, 0.25)
     shuffle_buffer: int = 1000
+    max_bad_fraction: float = 0.1  # shards/manifests: stop when more of the samples are unusable
     overrides: dict = field(default_factory=dict)
     quiet: bool = False
+    # Fields set on purpose (the CLI's explicit flags): on --resume the others come from the run. None: those
+    # that differ from these defaults.
+    explicit: tuple | None = None
 
 
 def _log(info, *args):
@@ -178,15 +189,30 @@ def _broadcast_object(obj, info):
 
 
 def _run_dir_of(resume: str) -> Path:
-    weights, _ = checkpoint.resolve(resume)
-    return weights.parent.parent
+    return checkpoint.run_dir_of(resume)
+
+
+def _resolve_auto_resume(cfg: TrainConfig, info) -> TrainConfig:
+    """``--resume auto`` (for ``torchrun --max-restarts``): the run to continue, or a fresh start. Rank 0 looks,
+    every rank follows, so all ranks agree even when their file systems do not."""
+    found = resume.find_latest_run(cfg.out_dir, cfg.model) if info.is_main else None
+    found = _broadcast_object(str(found) if found is not None else None, info)
+    where = cfg.out_dir or f"runs/{cfg.model}-*"
+    if found is None:
+        _log(info, f"--resume auto: no checkpoint in {where}; starting a new run")
+        # An earlier attempt of this job that died before its first checkpoint is replaced, not refused.
+        restart = cfg.out_dir is not None and run_folder.is_unsaved_attempt(cfg.out_dir)
+        return dataclasses.replace(cfg, resume=None, overwrite=cfg.overwrite or restart)
+    _log(info, f"--resume auto: continuing {found}")
+    return dataclasses.replace(cfg, resume=found)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _save(run_dir, step, model, optimizer, scheduler, source, cfg, info, meta, metrics_step) -> None:
+def _save(run_dir, step, model, optimizer, scheduler, source, cfg, info, meta, metrics_step,
+          skipped_steps=0) -> None:
     model_state = distributed.full_model_state(model, cfg.dist)
     optim_state = distributed.full_optim_state(model, optimizer, cfg.dist)
     rngs = _gather_objects(rng_state(), info)
@@ -194,24 +220,51 @@ def _save(run_dir, step, model, optimizer, scheduler, source, cfg, info, meta, m
     if info.is_main:
         train_state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rngs,
                        "data": sources, "world_size": info.world_size, "config": dataclasses.asdict(cfg),
-                       "metrics_step": metrics_step}
+                       "metrics_step": metrics_step, "skipped_steps": skipped_steps}
         checkpoint.save_checkpoint(run_dir, step, model_state, train_state, meta, keep=cfg.keep)
     if info.enabled:
         dist.barrier()
+
+
+def _stop_requested(stops: StopRequests, info) -> bool:
+    """Whether any rank got SIGINT/SIGTERM: all ranks must stop after the same step to save one checkpoint."""
+    if not info.enabled:
+        return stops.requested
+    flag = torch.tensor([int(stops.signum or 0)], device=info.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not stops.requested and flag.item():
+        stops.signum = int(flag.item())  # another rank's signal (torchrun forwards it to every worker)
+    return bool(flag.item())
+
+
+def _interrupted(stops: StopRequests, done: int, total: int, run_dir: Path, info) -> None:
+    """The one line a stopped run prints (rank 0) before it exits with 128 + the signal number."""
+    if done < total:
+        message = (f"interrupted at step {done} ({stops.name}); checkpoint saved to {run_dir / 'checkpoints'}; "
+                   f"resume with: vlcore pretrain --resume {run_dir}")
+    else:
+        message = (f"interrupted at the last step {done} ({stops.name}); checkpoint saved to "
+                   f"{run_dir / 'checkpoints'}; evaluation skipped; evaluate with: vlcore eval --checkpoint {run_dir}")
+    if info.is_main:
+        print(message, file=sys.stderr, flush=True)
+    raise RunStopped(stops.exit_code, message)
 
 
 def pretrain(cfg: TrainConfig) -> dict:
     """Train, checkpoint, evaluate. Returns {"run_dir", "final_loss", "eval" (or None), "losses"}."""
     info = distributed.setup(cfg.device)
     threads = torch.get_num_threads()
+    faults.install(info.rank)  # fault-injection tests only ($VLCORE_FAULTS)
     try:
-        return _pretrain(cfg, info)
+        with StopRequests() as stops:
+            return _pretrain(cfg, info, stops)
     finally:
+        faults.uninstall()
         torch.set_num_threads(threads)  # callers in the same process (tests, notebooks) keep their setting
         distributed.teardown()
 
 
-def _pretrain(cfg: TrainConfig, info) -> dict:
+def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
     device = info.device
     if cfg.num_workers < 0:
         # On CPU the cores are better spent on the model than on data processes (measured on 2 cores:
@@ -224,15 +277,23 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
         # workers; oversubscribed threads spin-wait and cost far more than they gain.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local - cfg.num_workers))
+    if cfg.resume == "auto":
+        cfg = _resolve_auto_resume(cfg, info)
+    refused = _broadcast_object(run_folder.refusal(cfg.out_dir, cfg.resume, cfg.overwrite) if info.is_main else None,
+                                info)  # decided once: every rank must stop, or none
+    if refused:
+        raise run_folder.RunFolderExists(refused)
     resumed = checkpoint.load_checkpoint(cfg.resume) if cfg.resume else None
+    changed: set[str] = set()
     if resumed is not None:
         meta = resumed["metadata"]
-        if cfg.model != meta["model"]:
-            _log(info, f"note: resuming a {meta['model']} checkpoint (--model {cfg.model} ignored)")
-        cfg.model = meta["model"]
         if resumed["train_state"] is None:
-            raise FileNotFoundError(f"--resume {cfg.resume}: the checkpoint has no training state (.state.pt); it "
+            raise FileNotFoundError(f"--resume {cfg.resume}: the checkpoint has no training state (.state.*); it "
                                     "can be evaluated but not resumed")
+        cfg, lines, changed = resume.merge_settings(cfg, resumed["train_state"].get("config") or {})
+        for line in lines:
+            _log(info, f"resume: {line}")
+        cfg.model = meta["model"]
         saved_world = resumed["train_state"].get("world_size", 1)
         if saved_world != info.world_size:
             raise ValueError(f"--resume: the checkpoint was written by {saved_world} process(es), this run has "
@@ -251,7 +312,7 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
         stamp = _broadcast_object(time.strftime("%Y%m%d-%H%M%S"), info)
         run_dir = Path(cfg.out_dir or os.path.join("runs", f"{cfg.model}-{stamp}"))
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_folder.prepare(run_dir, cfg.resume, cfg.overwrite)
 
     own_switch = "checkpoint" in {f.name for f in dataclasses.fields(models.get_config(cfg.model))}
     if own_switch:  # the model's own activation-checkpointing switch, where it has one
@@ -283,20 +344,26 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
                               cfg.batch_size, info.rank, info.world_size, num_workers=cfg.num_workers)
     else:
         stream = ShardStream(cfg.data, image_size=image_size, seed=cfg.seed, rank=info.rank,
-                             world_size=info.world_size, shuffle_buffer=cfg.shuffle_buffer)
+                             world_size=info.world_size, shuffle_buffer=cfg.shuffle_buffer,
+                             max_bad_fraction=cfg.max_bad_fraction)
         source = ShardSource(stream, collator, cfg.batch_size, cfg.num_workers)
 
     start_step = 0
+    nonfinite = NonFiniteSteps(cfg.max_skipped_steps)
     if resumed is not None:
         ts = resumed["train_state"]
+        configured = resume.schedule_settings(optimizer)
         if cfg.dist == "fsdp" and info.enabled:
             distributed.load_full_state(train_model, optimizer, resumed["model_state"], ts["optimizer"], "fsdp")
         else:
             optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
+        if changed & resume.SCHEDULE_FIELDS:
+            resume.restore_schedule_settings(optimizer, scheduler, configured)
         source.load_state_dict(ts["data"][info.rank])
         set_rng_state(ts["rng"][info.rank])
         start_step = int(ts["step"])
+        nonfinite.skipped = int(ts.get("skipped_steps", 0))
     if start_step >= cfg.steps:
         raise ValueError(f"--resume: the checkpoint is at step {start_step}, nothing left for --steps {cfg.steps}")
 
@@ -323,7 +390,9 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
     t_start = time.perf_counter()
     t_last, thr = t_start, 0.0
     ddp = info.enabled and cfg.dist == "ddp"
+    last_saved = start_step if resumed is not None else None
     for step in range(start_step, cfg.steps):
+        buffers = BufferSnapshot(model)  # a skipped step must not leave what its forward wrote into buffers
         sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
             batch = _to_device(source.next_batch(), device)
@@ -339,39 +408,54 @@ def _pretrain(cfg: TrainConfig, info) -> dict:
                     sums[k] = sums.get(k, 0) + v.detach().float() / cfg.grad_accum
         distributed.sync_replicated_grads(train_model)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
         names = sorted(sums)
         vec = torch.stack([sums[k] for k in names])
-        if info.enabled:
+        if info.enabled:  # before the update: every rank must take the same skip decision
             dist.all_reduce(vec)
             vec /= info.world_size
         values = dict(zip(names, vec.tolist()))
         loss = values["loss"]
+        done = step + 1
+        # Gradients are averaged (DDP) or their norm is global (FSDP): one NaN anywhere shows on every rank.
+        if nonfinite.check(done, loss, float(grad_norm)):
+            optimizer.step()
+            scheduler.step()
+        else:
+            buffers.restore()
+        optimizer.zero_grad(set_to_none=True)
         losses.append(loss)
         now = time.perf_counter()
         step_thr = global_batch / max(now - t_last, 1e-9)
         thr = step_thr if step == start_step else 0.9 * thr + 0.1 * step_thr
         t_last = now
-        done = step + 1
         progress.update(done, loss, thr)
-        if metrics is not None and (done % cfg.log_every == 0 or done == cfg.steps or done == start_step + 1):
+        skipped_now = nonfinite.consecutive > 0
+        if metrics is not None and (done % cfg.log_every == 0 or done == cfg.steps or done == start_step + 1
+                                    or skipped_now):
             rec = {"step": done, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                    "samples_per_s": thr, "elapsed_s": now - t_start}
             rec.update({f"loss/{k}": v for k, v in values.items() if k != "loss"})
-            if source.skipped:
-                rec["skipped_samples"] = source.skipped
+            rec.update(skipped_samples=source.skipped, skipped_by_reason=source.skip_reasons())
+            if nonfinite.skipped:
+                rec["skipped_steps"] = nonfinite.skipped
             metrics.write(rec)
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"step {done}: the loss is {loss}; lower --lr or use --precision fp32")
-        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-            _save(run_dir, done, train_model, optimizer, scheduler, source, cfg, info, meta, done)
+        if nonfinite.exhausted:  # before any save: the newest checkpoint stays the last good state
+            where = f"{run_dir / 'checkpoints'} (step {last_saved})" if last_saved is not None else None
+            message = nonfinite.stop_message(done, where)
+            if info.is_main:
+                print(message, file=sys.stderr, flush=True)
+            raise RunStopped(1, message)
+        faults.after_step(done)
+        stop = _stop_requested(stops, info)
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or stop:
+            _save(run_dir, done, train_model, optimizer, scheduler, source, cfg, info, meta, done, nonfinite.skipped)
+            last_saved = done
+        if stop:
+            _interrupted(stops, done, cfg.steps, run_dir, info)
     progress.close()
     train_s = time.perf_counter() - t_start
     _log(info, f"trained {cfg.steps - start_step} steps in {train_s:.0f} s; final loss {losses[-1]:.4f}"
-               + (f"; skipped {source.skipped} unreadable samples" if source.skipped else ""))
+               + (f"; {source.skip_summary()}" if source.skip_summary() else ""))
     if info.enabled and cfg.dist == "ddp":
         if not distributed.ranks_agree(model):
             raise RuntimeError("after training the ranks hold different weights: a model op is not deterministic "
