@@ -5,7 +5,8 @@ non-empty caption, boxes of 4 numbers with one phrase each) or skips, and a fini
 no other exception escapes, except the documented error of a pass in which no sample is readable.
 Inputs: random bytes; valid tars of random members (valid, truncated, random or decompression-bomb images, JSON
 or text captions, non-UTF-8 text) whole, truncated or with flipped bytes; manifests of random lines.
-Cases main does not survive yet are separate tests marked xfail (strict) with the branch that fixes them.
+Wrong JSON types, non-UTF-8 manifest lines, blank .json captions and an endless stream without a readable sample
+have tests of their own (strategies aimed at them).
 """
 
 from __future__ import annotations
@@ -28,14 +29,12 @@ from conftest import check_property
 from vlcore.data.shards import ShardStream, iter_source
 
 hypothesis = pytest.importorskip("hypothesis", reason="property tests need hypothesis (pip install vlcore[dev])")
-from hypothesis import Phase  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 SIZE = 8  # decoded image side: tiny, the decoder's cost is not what is tested
 TIME_LIMIT_S = 10.0  # per example; a reader that needs longer on a few KiB is hanging
 # the documented error of a pass without one readable sample (a clear error instead of an endless loop)
 NO_READABLE_SAMPLE = (ValueError, RuntimeError)
-NO_SHRINK = (Phase.explicit, Phase.reuse, Phase.generate)
 
 
 def _png(width: int, height: int, *, bomb: bool = False) -> bytes:
@@ -215,11 +214,8 @@ def wrongly_typed_tars(draw) -> list[tuple[str, bytes]]:
     return members
 
 
-@pytest.mark.xfail(strict=True, reason="fixed on branch datacli: wrong JSON types in a sample raise "
-                                       "AttributeError/ValueError or pass through as 2- or 3-number boxes")
 def test_tar_shards_with_wrong_json_types():
-    check_property(wrongly_typed_tars(), lambda members: _check_file(_tar_bytes(members), ".tar"), 30,
-                   phases=NO_SHRINK)
+    check_property(wrongly_typed_tars(), lambda members: _check_file(_tar_bytes(members), ".tar"), 30)
 
 
 IMAGE_FILES = {"good.png": GOOD_IMAGE, "cut.png": GOOD_IMAGE[:40], "noise.png": b"\x00\x01not an image",
@@ -249,22 +245,14 @@ def test_manifests_of_random_lines():
     check_property(manifest_lines(), lambda data: _check_file(data, ".jsonl", IMAGE_FILES), 30)
 
 
-@pytest.mark.xfail(strict=True, reason="fixed on branch datacli: a manifest line that is not UTF-8 raises "
-                                       "UnicodeDecodeError")
 def test_manifests_with_non_utf8_lines():
-    check_property(manifest_lines(raw_bytes=True), lambda data: _check_file(data, ".jsonl", IMAGE_FILES), 20,
-                   phases=NO_SHRINK)
+    check_property(manifest_lines(raw_bytes=True), lambda data: _check_file(data, ".jsonl", IMAGE_FILES), 20)
 
 
-@pytest.mark.xfail(strict=True, reason="fixed on branch datacli: wrong JSON types in a manifest raise "
-                                       "AttributeError/ValueError or pass through as 2- or 3-number boxes")
 def test_manifests_with_wrong_json_types():
-    check_property(manifest_lines(WRONG_META), lambda data: _check_file(data, ".jsonl", IMAGE_FILES), 30,
-                   phases=NO_SHRINK)
+    check_property(manifest_lines(WRONG_META), lambda data: _check_file(data, ".jsonl", IMAGE_FILES), 30)
 
 
-@pytest.mark.xfail(strict=True, reason="fixed on branch datacli: an endless stream in which no sample decodes "
-                                       "loops forever instead of stopping with a clear error")
 def test_endless_stream_without_a_readable_sample_stops():
     def check(members):
         with tempfile.TemporaryDirectory() as root:
@@ -277,11 +265,9 @@ def test_endless_stream_without_a_readable_sample_stops():
     # no member is a PNG, so no sample decodes
     unreadable = st.lists(st.tuples(st.sampled_from(["0.png", "0.txt", "1.jpg", "1.json"]), st.binary(max_size=30)),
                           max_size=4).map(lambda ms: [(n, d) for n, d in ms if not d.startswith(b"\x89PNG")])
-    check_property(unreadable, check, 3, phases=NO_SHRINK)
+    check_property(unreadable, check, 3)
 
 
-@pytest.mark.xfail(strict=True, reason="fixed on branch datacli: a blank caption in a shard's .json member makes a "
-                                       "sample (the .txt path strips it, the .json path does not)")
 def test_blank_json_caption_is_a_skip():
     """Found by the thorough profile: {"caption": "   "} next to a good image."""
     def check(blank):
@@ -292,4 +278,4 @@ def test_blank_json_caption_is_a_skip():
                 f.write(_tar_bytes(members))
             assert read_everything(path) == (0, 1)
 
-    check_property(st.text(" \t\n\r\u3000\u00a0", max_size=4), check, 3, phases=NO_SHRINK)
+    check_property(st.text(" \t\n\r\u3000\u00a0", max_size=4), check, 3)

@@ -92,17 +92,12 @@ def test_nearest_exact_ties_go_to_the_lowest_index(backend):
     check_property(nearest_cases(backend, ties="integers"), lambda case: _check_nearest(case, backend), 12)
 
 
-# Found by the thorough profile; whether a given example fails depends on the BLAS kernel's per-column rounding
-# (CPU, library), hence not strict.
-REFERENCE_DUPLICATES = ("open, no branch fixes it yet: the reference's BLAS scores ||e||^2 - 2 x.e can round "
-                        "identical entries differently, and argmin then picks a later copy")
+# found by the thorough profile before duplicates were mapped to their first copy (BLAS rounded the copies apart)
 DUPLICATES_FOUND = {"lead": (16,), "codes": 20, "dim": 6, "dtype": torch.float64, "codebook_dtype": None,
                     "distance": "l2", "integers": False, "duplicates": 1, "seed": 2}
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param("reference", marks=pytest.mark.xfail(strict=False, reason=REFERENCE_DUPLICATES)),
-    "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nearest_duplicated_entries_go_to_the_first_copy(backend):
     check_property(nearest_cases(backend, ties="duplicates"), lambda case: _check_nearest(case, backend), 8,
                    always=[DUPLICATES_FOUND] if backend == "reference" else [])  # triton has no float64
