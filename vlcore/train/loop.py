@@ -36,6 +36,7 @@ from vlcore.data.tokenizer import ByteBPETokenizer
 from vlcore.train import checkpoint, distributed, evaluation, faults, resume, run_folder
 from vlcore.train.guard import BufferSnapshot, NonFiniteSteps, RunStopped, StopRequests
 from vlcore.train.optim import build_optimizer, build_scheduler
+from vlcore.train.threads import configure_intra_op_threads
 from vlcore.train.progress import MetricsLog, Progress, plot_metrics
 
 DIGITS = "digits-scenes"
@@ -273,10 +274,7 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     elif device.type == "cpu":
-        # The cores shared by this machine's processes (torchrun: LOCAL_WORLD_SIZE of them), less the data
-        # workers; oversubscribed threads spin-wait and cost far more than they gain.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local - cfg.num_workers))
+        configure_intra_op_threads()  # usable cores / local processes (vlcore/train/threads.py)
     if cfg.resume == "auto":
         cfg = _resolve_auto_resume(cfg, info)
     refused = _broadcast_object(run_folder.refusal(cfg.out_dir, cfg.resume, cfg.overwrite) if info.is_main else None,
