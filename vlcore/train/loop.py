@@ -36,8 +36,8 @@ from vlcore.data.tokenizer import ByteBPETokenizer
 from vlcore.train import checkpoint, distributed, evaluation, faults, resume, run_folder
 from vlcore.train.guard import BufferSnapshot, NonFiniteSteps, RunStopped, StopRequests
 from vlcore.train.optim import build_optimizer, build_scheduler
-from vlcore.train.threads import configure_intra_op_threads
 from vlcore.train.progress import MetricsLog, Progress, plot_metrics
+from vlcore.train.threads import configure_intra_op_threads
 
 DIGITS = "digits-scenes"
 
