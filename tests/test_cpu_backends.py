@@ -18,7 +18,6 @@ from vlcore.cpu import contrastive as cpu_contrastive
 from vlcore.cpu import vq as cpu_vq
 from vlcore.ops import vq as vq_ops
 from vlcore.reference import contrastive as contrastive_ref
-from vlcore.reference import vq as vq_ref
 
 # ---- attention -----------------------------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ def _torchrun(out: Path, *args, env_extra=None, restarts=0, timeout=240) -> subp
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        raise AssertionError(f"torchrun hung for {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+        raise AssertionError(f"torchrun hung for {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 

@@ -13,6 +13,6 @@ _threads.set_wait_policy_for_cli()
 from vlcore._version import __version__  # noqa: E402
 from vlcore.ops import attention, contrastive_loss, vq_nearest, vq_statistics  # noqa: E402
 
-from vlcore import distributed, nn  # isort: skip  (the modules build on the ops above)
+from vlcore import distributed, nn  # noqa: E402  # isort: skip  (the modules build on the ops above)
 
 __all__ = ["__version__", "attention", "contrastive_loss", "distributed", "nn", "vq_nearest", "vq_statistics"]

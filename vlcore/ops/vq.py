@@ -17,8 +17,8 @@ import torch
 
 from vlcore import _ext, dispatch
 from vlcore import _validate as V
-from vlcore.kernels._launch import launch_context
 from vlcore.cpu import vq as cpu_vq
+from vlcore.kernels._launch import launch_context
 from vlcore.reference import vq as ref
 
 OP = "vq"
