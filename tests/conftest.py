@@ -49,6 +49,11 @@ def hypothesis_examples(ci: int) -> int:
     return max(ci, ci * settings.default.max_examples // 10)
 
 
+# every backend that runs on this machine: the cpu backend takes CPU tensors only (the tests use the GPU when present)
+PROPERTY_BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
+    HAS_CUDA, reason="the cpu backend takes CPU tensors; on this machine the tests put inputs on the GPU")), "triton"]
+
+
 def check_property(strategy, check, ci_examples: int, *, always=(), **options) -> None:
     """Run ``check(case)`` on the cases in ``always``, then on ``hypothesis_examples(ci_examples)`` drawn ones."""
     test = given(strategy)(check)

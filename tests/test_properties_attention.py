@@ -11,7 +11,7 @@ from __future__ import annotations
 import dense_oracles as oracle
 import pytest
 import torch
-from conftest import HAS_CUDA, check_property
+from conftest import HAS_CUDA, PROPERTY_BACKENDS, check_property
 
 import vlcore
 
@@ -20,9 +20,10 @@ from hypothesis import strategies as st  # noqa: E402
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 # head dims each backend accepts; triton's smallest (the interpreter's cost grows with the tile)
-HEAD_DIMS = {"reference": (1, 3, 8, 16), "triton": (16,)}
-DTYPES = {"reference": (torch.float32, torch.float64), "triton": (torch.float32, torch.float16)}
-EXAMPLES = {"reference": 20, "triton": 4}  # + the 2 EXTREMES each
+HEAD_DIMS = {"reference": (1, 3, 8, 16), "cpu": (1, 3, 8, 16), "triton": (16,)}
+DTYPES = {"reference": (torch.float32, torch.float64), "cpu": (torch.float32, torch.float64),
+          "triton": (torch.float32, torch.float16)}
+EXAMPLES = {"reference": 20, "cpu": 20, "triton": 4}  # + the 2 EXTREMES each
 # always run (before the random ones): every sample at length 0 or N, Nq > Nk and Nq < Nk, a grid at the end
 _BASE = {"batch": 2, "heads": 2, "dim": 16, "dtype": torch.float32, "shared": "no", "layout": "contiguous",
          "scale": None, "grid": None, "start": 0, "seed": 3}
@@ -130,7 +131,7 @@ def _check(case: dict, backend: str) -> None:
         oracle.assert_close_to_oracle(f"d{name}", g, want_grads[name], case["dtype"])
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", PROPERTY_BACKENDS)
 def test_attention_matches_dense_oracle(backend):
     check_property(attention_cases(backend), lambda case: _check(case, backend), EXAMPLES[backend],
                    always=EXTREMES)

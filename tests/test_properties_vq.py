@@ -11,7 +11,7 @@ from __future__ import annotations
 import dense_oracles as oracle
 import pytest
 import torch
-from conftest import HAS_CUDA, check_property
+from conftest import HAS_CUDA, PROPERTY_BACKENDS, check_property
 
 import vlcore
 from vlcore import dispatch
@@ -20,8 +20,8 @@ hypothesis = pytest.importorskip("hypothesis", reason="property tests need hypot
 from hypothesis import strategies as st  # noqa: E402
 
 DEV = "cuda" if HAS_CUDA else "cpu"
-BACKENDS = ["reference", "triton"]
-DTYPES = {"reference": (torch.float32, torch.float64, torch.float16), "triton": (torch.float32, torch.float16)}
+DTYPES = {"reference": (torch.float32, torch.float64, torch.float16), "cpu": (torch.float32, torch.float64, torch.float16),
+          "triton": (torch.float32, torch.float16)}
 
 
 @st.composite
@@ -82,12 +82,12 @@ def _check_nearest(case: dict, backend: str) -> None:
         oracle.assert_close_to_oracle("distance of the chosen entry", got, want_dist, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PROPERTY_BACKENDS)
 def test_nearest_matches_dense_oracle(backend):
     check_property(nearest_cases(backend), lambda case: _check_nearest(case, backend), 12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PROPERTY_BACKENDS)
 def test_nearest_exact_ties_go_to_the_lowest_index(backend):
     check_property(nearest_cases(backend, ties="integers"), lambda case: _check_nearest(case, backend), 12)
 
@@ -97,10 +97,18 @@ DUPLICATES_FOUND = {"lead": (16,), "codes": 20, "dim": 6, "dtype": torch.float64
                     "distance": "l2", "integers": False, "duplicates": 1, "seed": 2}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# not strict: whether an example shows it depends on the BLAS kernel's per-column rounding (CPU, library)
+CPU_DUPLICATES = pytest.mark.xfail(strict=False, reason="open: the cpu backend's running argmin does not map a "
+                                   "duplicated entry to its first copy (reference and triton do)")
+
+
+_REFERENCE, _CPU, _TRITON = PROPERTY_BACKENDS
+
+
+@pytest.mark.parametrize("backend", [_REFERENCE, pytest.param("cpu", marks=[*_CPU.marks, CPU_DUPLICATES]), _TRITON])
 def test_nearest_duplicated_entries_go_to_the_first_copy(backend):
     check_property(nearest_cases(backend, ties="duplicates"), lambda case: _check_nearest(case, backend), 8,
-                   always=[DUPLICATES_FOUND] if backend == "reference" else [])  # triton has no float64
+                   always=[DUPLICATES_FOUND] if backend != "triton" else [])  # triton has no float64
 
 
 @st.composite
@@ -113,7 +121,7 @@ def nan_cases(draw, backend: str) -> dict:
     return case
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PROPERTY_BACKENDS)
 def test_nearest_nan_follows_argmin(backend):
     def check(case):
         x, codebook = _nearest_inputs(case)
@@ -128,7 +136,7 @@ def test_nearest_nan_follows_argmin(backend):
     check_property(nan_cases(backend), check, 10)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PROPERTY_BACKENDS)
 def test_statistics_match_dense_oracle(backend):
     def check(case):
         n, k, d, dtype, seed = case
@@ -145,7 +153,7 @@ def test_statistics_match_dense_oracle(backend):
     check_property(cases, check, 10)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PROPERTY_BACKENDS)
 def test_ema_update_matches_dense_oracle(backend):
     def check(case):
         k, d, gamma, never_seen, seed = case
