@@ -97,15 +97,7 @@ DUPLICATES_FOUND = {"lead": (16,), "codes": 20, "dim": 6, "dtype": torch.float64
                     "distance": "l2", "integers": False, "duplicates": 1, "seed": 2}
 
 
-# not strict: whether an example shows it depends on the BLAS kernel's per-column rounding (CPU, library)
-CPU_DUPLICATES = pytest.mark.xfail(strict=False, reason="open: the cpu backend's running argmin does not map a "
-                                   "duplicated entry to its first copy (reference and triton do)")
-
-
-_REFERENCE, _CPU, _TRITON = PROPERTY_BACKENDS
-
-
-@pytest.mark.parametrize("backend", [_REFERENCE, pytest.param("cpu", marks=[*_CPU.marks, CPU_DUPLICATES]), _TRITON])
+@pytest.mark.parametrize("backend", PROPERTY_BACKENDS)
 def test_nearest_duplicated_entries_go_to_the_first_copy(backend):
     check_property(nearest_cases(backend, ties="duplicates"), lambda case: _check_nearest(case, backend), 8,
                    always=[DUPLICATES_FOUND] if backend != "triton" else [])  # triton has no float64

@@ -56,7 +56,8 @@ class CpuVQ:
                 best, arg = torch.where(better, b, best), torch.where(better, i, arg)
             indices[r0:r0 + rows] = arg
             dist[r0:r0 + rows] = (best + (xc * xc).sum(1)).clamp_min(0)
-        return indices, dist
+        # addmm can round identical entries' scores apart: duplicates go to their first copy, as on every backend
+        return ref.first_identical(e)[indices], dist
 
     @staticmethod
     @torch.no_grad()
