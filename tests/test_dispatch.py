@@ -90,7 +90,7 @@ def test_environment_variable_global_and_per_op(toy_op, monkeypatch):
     ("toy_op=triton", "op 'toy_op' has no backend 'triton'; its backends: missing, fast, reference"),
     ("attention=reference,toy_op", "OP=BACKEND pairs separated by commas"),
     ("toy_op=", "found the item 'toy_op='"),
-    ("tritn", "unknown backend; valid names: cuda, fast, missing, reference, triton"),
+    ("tritn", "unknown backend; valid names: cpu, cuda, fast, missing, reference, triton"),
 ])
 def test_environment_variable_typos_are_errors_naming_the_valid_choices(toy_op, monkeypatch, env, message):
     # before: an unknown key was ignored (the default backend ran while the user believed otherwise)

@@ -45,6 +45,22 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     return dev
 
 
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta):
+    """Under torchrun, the rendezvous store with a prefix per restart attempt; None elsewhere (``env://``).
+
+    torchrun's agent keeps its store across ``--max-restarts`` attempts, and gloo's address keys are not
+    namespaced by attempt: a restarted rank could read the killed attempt's addresses and fail to connect
+    ("connectFullMesh ... Connection refused"). One prefix per attempt makes every attempt start clean.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        return None
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_hosts_it, timeout=timeout)
+    return dist.PrefixStore(f"vlcore/attempt_{attempt}", store)
+
+
 def setup(requested_device: str = "auto", timeout_s: int = 600) -> DistInfo:
     """Initialise torch.distributed when launched by torchrun; returns this process's rank and device."""
     global _CREATED
@@ -58,7 +74,10 @@ def setup(requested_device: str = "auto", timeout_s: int = 600) -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _attempt_store(rank, world, timeout)
+        dist.init_process_group(backend, timeout=timeout, **({"store": store, "rank": rank, "world_size": world}
+                                                             if store is not None else {}),
                                 **({"device_id": device} if device.type == "cuda" else {}))
         _CREATED = True
     return DistInfo(rank, world, local_rank, device)
