@@ -79,3 +79,50 @@ def test_a_missing_key_and_a_wrong_shape_are_named():
     with pytest.raises(ValueError, match=r"'pos_embed' has shape \(1, 16, 32\).*expects \(1, 17, 32\)"):
         vtimm.load_vit(ours, state)
 
+
+
+# ---------------------------------------------------------------------------------------------- apply(model)
+
+def _patched_equals_unpatched(model, monkeypatch):
+    """Forward and parameter gradients of ``model`` before and after ``apply``; returns (report, op calls)."""
+    import copy
+
+    import vlcore
+
+    x = torch.randn(2, 3, 32, 32)
+    patched = copy.deepcopy(model)
+    report = vtimm.apply(patched)
+    calls = []
+    real = vlcore.attention
+    monkeypatch.setattr(vlcore, "attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    y0, y1 = model(x), patched(x)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    y0.square().sum().backward()
+    y1.square().sum().backward()
+    for (name, p0), p1 in zip(model.named_parameters(), patched.parameters()):
+        torch.testing.assert_close(p1.grad, p0.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert dict(model.state_dict()).keys() == dict(patched.state_dict()).keys()
+    return report, calls
+
+
+def test_apply_patches_timm_vit_attention(monkeypatch):
+    report, calls = _patched_equals_unpatched(_tiny_vit(), monkeypatch)
+    assert report.replaced == {"Attention": ["blocks.0.attn", "blocks.1.attn"]}
+    assert len(calls) == 2  # one fused attention call per block: the patched path really ran
+    assert "2 x Attention" in str(report)
+
+
+def test_apply_patches_timm_swin_window_attention_with_the_table(monkeypatch):
+    report, calls = _patched_equals_unpatched(_tiny_swin(), monkeypatch)
+    assert report.count == 4
+    # stage 0: plain windows (patched) then shifted ones (timm's masked path); stage 1: one window, no shift
+    assert len(calls) == 3
+    assert all(kw["rel_pos_table"] is not None and kw["rel_pos_grid"] == (4, 4) for kw in calls)
+
+
+def test_patched_vit_traces_in_one_graph():
+    """torch.compile(fullgraph=True) raises on a graph break; the eager backend checks the trace only."""
+    model = _tiny_vit()
+    vtimm.apply(model)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), model(x))

@@ -4,6 +4,7 @@
 
     vit = vit_from_timm(timm.create_model("vit_base_patch16_224", pretrained=True))
     swin = swin_from_timm(timm_swin)            # or load_swin(existing_swin_encoder, timm_state_dict)
+    report = apply(timm_model)                  # or keep the timm model and patch vlcore's attention in
 
 Outputs equal timm's ``forward_features`` (ViT: (B, [1 +] N, D); Swin: the same tokens flattened row-major,
 (B, H * W, C)). The Swin relative-position table has timm's layout and is copied as is. A timm variant with
@@ -29,6 +30,8 @@ try:
     import timm  # noqa: F401  (the peer library; its modules are only read, never subclassed)
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("vlcore.integrations.timm needs timm: pip install -e \".[interop]\"") from e
+
+from vlcore.integrations._timm_attention import PatchReport, apply  # noqa: E402,F401  (re-exported)
 
 _HEAD = ("head.", "fc_norm.", ".relative_position_index", ".attn_mask")
 
