@@ -4,9 +4,7 @@ torchvision shim that lets timm import beside the CPU torch wheel. Real timm, ra
 import pytest
 import torch
 
-pytest.importorskip("vlcore.integrations.timm", reason="timm not installed (pip install -e '.[interop]')",
-                    exc_type=ImportError)
-import timm  # noqa: E402
+timm = pytest.importorskip("timm", reason="timm not installed (pip install -e '.[interop]')")
 
 from vlcore.integrations import timm as vtimm  # noqa: E402
 from vlcore.integrations._mapping import UnmappableKeyError  # noqa: E402

@@ -122,6 +122,8 @@ def _add_pretrain(sub) -> None:
                    help="data loader processes that make the batches (0: in the training process; "
                         "-1: auto, 0 on CPU and 2 per GPU process)")
     g.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="sample shuffle window (shards)")
+    g.add_argument("--init-vision", default=None, metavar="PATH",
+                   help="initialise the vision tower from a local timm ViT / Swin checkpoint (file or folder)")
     g.add_argument("--plugin", action="append", metavar="MODULE",
                    help="import MODULE first (e.g. one that registers your models with vlcore.models.register)")
     o = p.add_argument_group("optimisation")
@@ -186,7 +188,8 @@ def _cmd_pretrain(args) -> int:
                       vocab_size=args.vocab_size, max_text_len=args.max_text_len, image_size=args.image_size,
                       num_workers=args.num_workers, threads=args.threads,
                       scene_mix=_scene_mix(args.scene_mix), shuffle_buffer=args.shuffle_buffer,
-                      overrides=_overrides(args.overrides), quiet=args.quiet, explicit=explicit)
+                      overrides=_overrides(args.overrides), quiet=args.quiet, explicit=explicit,
+                      init_vision=args.init_vision)
     for name in ("steps", "batch_size", "grad_accum"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"vlcore pretrain: --{name.replace('_', '-')} must be >= 1; got {getattr(cfg, name)}")

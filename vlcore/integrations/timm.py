@@ -22,16 +22,21 @@ from torch import nn
 
 from vlcore.integrations import _torchvision_compat
 from vlcore.integrations._mapping import convert, state_dict_of
-from vlcore.nn.swin import SwinEncoder
+from vlcore.nn.swin import PatchMerging, SwinEncoder
 from vlcore.nn.vit import ViT
 
-_torchvision_compat.ensure()
-try:
-    import timm  # noqa: F401  (the peer library; its modules are only read, never subclassed)
-except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("vlcore.integrations.timm needs timm: pip install -e \".[interop]\"") from e
 
-from vlcore.integrations._timm_attention import PatchReport, apply  # noqa: E402,F401  (re-exported)
+def apply(model: nn.Module):
+    """Patch vlcore's attention into ``model``'s timm ViT ``Attention`` / Swin ``WindowAttention`` modules in
+    place; returns a :class:`~vlcore.integrations._timm_attention.PatchReport`. Needs timm (the weight
+    conversion below does not)."""
+    _torchvision_compat.ensure()
+    try:
+        from vlcore.integrations._timm_attention import apply as _apply
+    except ImportError as e:
+        raise ImportError("vlcore.integrations.timm.apply needs timm: pip install -e \".[interop]\"") from e
+    return _apply(model)
+
 
 _HEAD = ("head.", "fc_norm.", ".relative_position_index", ".attn_mask")
 
@@ -82,10 +87,9 @@ def _swin_block_index(depths: tuple[int, ...]) -> tuple[dict[tuple[int, int], in
     return blocks, merges
 
 
-def swin_state_dict(timm_swin: nn.Module | Mapping[str, torch.Tensor], swin: SwinEncoder,
-                    depths: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """A timm Swin's (or its state dict's) weights as a state dict of ``swin`` (built with ``depths``)."""
-    blocks, merges = _swin_block_index(tuple(depths))
+def swin_state_dict(timm_swin: nn.Module | Mapping[str, torch.Tensor], swin: SwinEncoder) -> dict[str, torch.Tensor]:
+    """A timm Swin's (or its state dict's) weights as a state dict of ``swin`` (same stages)."""
+    blocks, merges = _swin_block_index(swin_depths(swin))
 
     def rename(key: str) -> str | None:
         m = re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)", key)
@@ -104,10 +108,20 @@ def swin_state_dict(timm_swin: nn.Module | Mapping[str, torch.Tensor], swin: Swi
     return convert(state_dict_of(timm_swin), rename, swin, owner="timm Swin -> vlcore SwinEncoder", ignore=_HEAD)
 
 
-def load_swin(swin: SwinEncoder, timm_swin: nn.Module, depths: tuple[int, ...] | None = None) -> SwinEncoder:
-    if depths is None:
-        depths = tuple(len(layer.blocks) for layer in timm_swin.layers)
-    swin.load_state_dict(swin_state_dict(timm_swin, swin, depths))
+def swin_depths(swin: SwinEncoder) -> tuple[int, ...]:
+    """Blocks per stage of a vlcore :class:`SwinEncoder` (stages are separated by its PatchMerging blocks)."""
+    depths = [0]
+    for block in swin.blocks:
+        if isinstance(block, PatchMerging):
+            depths.append(0)
+        else:
+            depths[-1] += 1
+    return tuple(depths)
+
+
+def load_swin(swin: SwinEncoder, timm_swin: nn.Module | Mapping[str, torch.Tensor]) -> SwinEncoder:
+    """``timm_swin``'s (a timm Swin or its state dict) weights into ``swin``, whose stages must match."""
+    swin.load_state_dict(swin_state_dict(timm_swin, swin))
     return swin
 
 
@@ -121,7 +135,7 @@ def swin_from_timm(model: nn.Module, **swin_kwargs) -> SwinEncoder:
     swin = SwinEncoder(_square(model.patch_embed.img_size, "img_size"), _square(model.patch_embed.patch_size,
                        "patch_size"), model.embed_dim, depths, heads, window,
                        first.mlp.fc1.out_features / first.mlp.fc1.in_features, **swin_kwargs)
-    return load_swin(swin, model, depths)
+    return load_swin(swin, model)
 
 
 def _square(value, name: str) -> int:
