@@ -9,7 +9,7 @@ from open_clip.coca_model import CoCa  # noqa: E402
 
 import vlcore.models as models  # noqa: E402
 from vlcore.integrations._mapping import UnmappableKeyError  # noqa: E402
-from vlcore.integrations.open_clip import coca_from_open_clip, coca_state_dict  # noqa: E402
+from vlcore.integrations.open_clip import coca_from_open_clip, coca_state_dict, to_open_clip_state_dict  # noqa: E402,E501
 
 PAD = 0  # open_clip's pad id: its [CLS] mask is built from it
 
@@ -84,3 +84,26 @@ def test_an_unmappable_open_clip_key_is_named():
         coca_state_dict(state, ours)
     with pytest.raises(ValueError, match="layout='open_clip'"):
         coca_state_dict(theirs, models.create("coca-tiny"))
+
+
+def test_vlcore_to_open_clip_round_trip_and_fine_tuned_weights_back():
+    theirs = _tiny_open_clip_coca()
+    ours = coca_from_open_clip(theirs).eval()
+    original = theirs.state_dict()
+    back = to_open_clip_state_dict(ours, theirs)
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+    # weights changed on the vlcore side (as fine-tuning would) go back into open_clip with equal outputs
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name not in ("vision.patch_embed.proj.bias",) and not name.startswith("pool.out_proj"):
+                p.add_(torch.randn_like(p) * 0.05)
+    theirs.load_state_dict(to_open_clip_state_dict(ours, theirs))
+    image, text = torch.randn(2, 3, 32, 32), torch.tensor([[1, 5, 6, 2, PAD, PAD, PAD], [1, 3, 4, 8, 9, 11, 2]])
+    out = theirs(image, text)
+    image_emb, text_emb, _ = _vlcore_outputs(ours, image, text)
+    torch.testing.assert_close(image_emb, out["image_features"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(text_emb, out["text_features"], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        ours.pool.out_proj[1].weight.add_(1.0)
+    with pytest.raises(ValueError, match="one output projection"):
+        to_open_clip_state_dict(ours, theirs)

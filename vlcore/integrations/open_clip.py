@@ -3,6 +3,7 @@
 
     model = coca_from_open_clip(open_clip_coca)                 # built from its config, weights copied
     state = coca_state_dict(open_clip_state_dict, vlcore_coca)  # or just the weights (a local checkpoint)
+    open_clip_coca.load_state_dict(to_open_clip_state_dict(vlcore_coca, open_clip_coca))  # and back
 
 Image and text embeddings equal open_clip's ``image_features`` / ``text_features`` and the captioning
 logits equal its ``logits`` at the text positions (open_clip's pad id 0 and legacy [CLS] mask). Fused
@@ -154,3 +155,74 @@ def _square(value) -> int:
     if a != b:
         raise ValueError(f"vlcore.integrations.open_clip: vlcore's ViT needs square sizes; got {tuple(value)}")
     return int(a)
+
+
+# ------------------------------------------------------------------------------------- vlcore -> open_clip
+
+def _inverse_block(table: dict[str, str], oc_prefix: str, rest: str, ours: Mapping[str, torch.Tensor],
+                   our_prefix: str) -> torch.Tensor | None:
+    m = re.fullmatch(r"(.+)_(weight|bias)|(.+)\.(weight|bias)", rest)
+    name, kind = (m[1], m[2]) if m[1] else (m[3], m[4])
+    return ours.get(f"{our_prefix}.{table[name]}.{kind}") if name in table else None
+
+
+def to_open_clip_state_dict(coca: nn.Module, open_clip_coca: nn.Module | Mapping[str, torch.Tensor]
+                            ) -> dict[str, torch.Tensor]:
+    """vlcore's CoCa (layout="open_clip") as a state dict of ``open_clip_coca`` (a model or its state dict,
+    used for the key set): the inverse of :func:`coca_state_dict`. Raises when a vlcore tensor has no place
+    in open_clip (a non-zero patch bias, two different pooler output projections)."""
+    ours = coca.state_dict()
+    if ours["vision.patch_embed.proj.bias"].abs().max() > 0:
+        raise ValueError("to_open_clip_state_dict: open_clip's patch convolution has no bias; vlcore's is non-zero")
+    if not torch.equal(ours["pool.out_proj.0.weight"], ours["pool.out_proj.1.weight"]) or not torch.equal(
+            ours["pool.out_proj.0.bias"], ours["pool.out_proj.1.bias"]):
+        raise ValueError("to_open_clip_state_dict: open_clip's pooler has one output projection; vlcore's two "
+                         "(pool.out_proj.0 / .1) differ")
+    out: dict[str, torch.Tensor] = {}
+    for key in state_dict_of(open_clip_coca):
+        value = None
+        base, _, kind = key.rpartition(".")
+        if key in _SIMPLE:
+            value = ours[_SIMPLE[key]]
+        elif key == "visual.class_embedding":
+            value = ours["vision.cls_token"].reshape(-1)
+        elif key == "visual.positional_embedding":
+            value = ours["vision.pos_embed"][0]
+        elif key in _TRANSPOSED:
+            value = ours[_TRANSPOSED[key]].t()
+        elif base in _NORMS:
+            value = ours[f"{_NORMS[base]}.{kind}"]
+        elif key == "visual.attn_pool.query":
+            value = torch.cat([ours["pool.queries.1"], ours["pool.queries.0"]])
+        elif key.startswith("visual.attn_pool.attn."):
+            value = _inverse_pool(key[len("visual.attn_pool.attn."):], ours)
+        elif m := re.fullmatch(r"(visual|text)\.transformer\.resblocks\.(\d+)\.(.+)", key):
+            tower = "vision.blocks" if m[1] == "visual" else "unimodal"
+            value = _inverse_block(_BLOCK, key, m[3], ours, f"{tower}.layers.{m[2]}")
+        elif m := re.fullmatch(r"text_decoder\.resblocks\.(\d+)\.(.+)", key):
+            value = _inverse_block(_DECODER_SELF, key, m[2], ours, f"multimodal.layers.{m[1]}")
+        elif m := re.fullmatch(r"text_decoder\.cross_attn\.(\d+)\.attn\.in_proj_(weight|bias)", key):
+            prefix = f"multimodal.layers.{m[1]}.cross_attn"
+            value = torch.cat([ours[f"{prefix}.q.{m[2]}"], ours[f"{prefix}.kv.{m[2]}"]])
+        elif m := re.fullmatch(r"text_decoder\.cross_attn\.(\d+)\.(.+)", key):
+            value = _inverse_block(_DECODER_CROSS, key, m[2], ours, f"multimodal.layers.{m[1]}")
+        if value is None:
+            raise UnmappableKeyError(f"vlcore CoCa -> open_clip CoCa: no vlcore tensor for open_clip key {key!r}")
+        out[key] = value
+    return out
+
+
+def _inverse_pool(rest: str, ours: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    q, kv = ours["pool.q_proj.weight"], ours["pool.kv_proj.weight"]
+    d = q.shape[0]
+    if rest == "in_proj_weight":  # one fused projection when the context width equals the pooler's
+        return torch.cat([q, kv])
+    parts = {
+        "q_proj_weight": lambda: q,
+        "k_proj_weight": lambda: kv[:d],
+        "v_proj_weight": lambda: kv[d:],
+        "in_proj_bias": lambda: torch.cat([ours["pool.q_proj.bias"], ours["pool.kv_proj.bias"]]),
+        "out_proj.weight": lambda: ours["pool.out_proj.0.weight"],
+        "out_proj.bias": lambda: ours["pool.out_proj.0.bias"],
+    }
+    return parts[rest]() if rest in parts else None
