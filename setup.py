@@ -34,6 +34,12 @@ def _version() -> str:
     return re.search(r'__version__ = "([^"]+)"', text).group(1)
 
 
+def _requirements(name: str) -> list[str]:
+    path = ROOT / name
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
 def _find_nvcc() -> Path | None:
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home and (Path(home) / "bin" / "nvcc").exists():
@@ -210,6 +216,8 @@ setup(
         # peers that install cleanly beside any torch (open_clip, xformers, Inf-CL need matching torch builds:
         # the benchmarks list them as missing when absent)
         "bench": ["tabulate", "faiss-cpu"],
+        # timm / transformers / open_clip for vlcore.integrations and their tests
+        "interop": _requirements("requirements-interop.txt"),
     },
     entry_points={"console_scripts": ["vlcore=vlcore.cli:main"]},
     zip_safe=False,

@@ -57,6 +57,7 @@ def _vlcore(backend):
 
 def _open_clip_loss(kind):
     try:
+        import vlcore.integrations  # noqa: F401  (torchvision, which open_clip imports, beside a CPU-only torch)
         from open_clip.loss import ClipLoss, SigLipLoss
     except ImportError:
         return None

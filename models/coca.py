@@ -56,26 +56,37 @@ class CoCaConfig:
     caption_weight: float = 2.0  # lambda_Cap
     contrastive_weight: float = 1.0  # lambda_Con
     checkpoint: bool = False
+    # "paper" (default) or "open_clip": open_clip's CoCa architecture, to run its checkpoints unchanged
+    # (vlcore.integrations.open_clip): ViT with a class token, a LayerNorm before the blocks and none after;
+    # LayerNorm eps 1e-5; one pooler whose first query is the contrastive one (caption_queries = its other
+    # queries) and whose output LayerNorm also normalises that query; [CLS] at the end position with
+    # open_clip's (legacy) padding mask; multimodal layers of self-attention + MLP + cross-attention (context
+    # LayerNorm) + MLP.
+    layout: str = "paper"
 
 
 class CoCa(nn.Module):
     def __init__(self, config: CoCaConfig):
         super().__init__()
         c = self.config = config
+        if c.layout not in ("paper", "open_clip"):
+            raise ValueError(f"CoCaConfig.layout must be 'paper' or 'open_clip'; got {c.layout!r}")
+        oc = self.open_clip = c.layout == "open_clip"
+        eps = 1e-5 if oc else LN_EPS
         self.vision = ViT(c.image_size, c.patch_size, c.vision_dim, c.vision_depth, c.vision_heads,
                           c.vision_mlp_ratio, checkpoint=c.checkpoint, stem=c.patch_stem,
-                          stem_width=c.patch_stem_width)
+                          stem_width=c.patch_stem_width, cls_token=oc, pre_norm=oc, final_norm=not oc, eps=eps)
         self.pool = vnn.MultiAttentionPool(c.text_dim, (c.caption_queries, 1), c.text_heads, context_dim=c.vision_dim)
-        self.caption_norm = nn.LayerNorm(c.text_dim, eps=LN_EPS)
+        self.caption_norm = nn.LayerNorm(c.text_dim, eps=eps)
         self.image_proj = nn.Linear(c.text_dim, c.embed_dim, bias=False)
         self.token_embed = nn.Embedding(c.vocab_size, c.text_dim)
         self.pos_embed = nn.Parameter(torch.zeros(c.max_text_len + 1, c.text_dim))  # + 1: the [CLS] slot
         self.cls_embed = nn.Parameter(torch.zeros(c.text_dim))
         self.unimodal = decoder(c.text_dim, c.unimodal_depth, c.text_heads, c.text_mlp_ratio, final_norm=False,
-                                checkpoint=c.checkpoint)
+                                checkpoint=c.checkpoint, eps=eps)
         self.multimodal = decoder(c.text_dim, c.multimodal_depth, c.text_heads, c.text_mlp_ratio, cross=True,
-                                  checkpoint=c.checkpoint)
-        self.text_norm = nn.LayerNorm(c.text_dim, eps=LN_EPS)
+                                  checkpoint=c.checkpoint, eps=eps, self_mlp=oc, context_norm=oc)
+        self.text_norm = nn.LayerNorm(c.text_dim, eps=eps)
         self.text_proj = nn.Linear(c.text_dim, c.embed_dim, bias=False)
         self.lm_head = nn.Linear(c.text_dim, c.vocab_size, bias=False)
         self.contrastive = vnn.ContrastiveLoss("infonce")
@@ -88,7 +99,12 @@ class CoCa(nn.Module):
     def image_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(caption tokens (B, 256, text_dim), normalised image embedding (B, embed_dim))."""
         caption, con = self.pool(self.vision(image))
-        return self.caption_norm(caption), F.normalize(self.image_proj(con[:, 0]), dim=-1)
+        return self.caption_norm(caption), self._image_embedding(con)
+
+    def _image_embedding(self, con: torch.Tensor) -> torch.Tensor:
+        if self.open_clip:  # open_clip's ln_post normalises every query of its single pooler
+            con = self.caption_norm(con)
+        return F.normalize(self.image_proj(con[:, 0]), dim=-1)
 
     def text_with_cls(self, text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedded (B, T + 1, dim) sequence with [CLS] at index L_b (right after EOS), and L_b."""
@@ -97,14 +113,31 @@ class CoCa(nn.Module):
             raise ValueError(f"CoCa: text length {text.shape[1]} exceeds max_text_len {self.config.max_text_len}")
         tokens = F.pad(text, (0, 1))
         x = self.token_embed(tokens)
+        if self.open_clip:
+            return self._open_clip_cls(x, lens)
         is_cls = torch.arange(tokens.shape[1], device=text.device) == lens[:, None]
         x = torch.where(is_cls[..., None], self.cls_embed.to(x.dtype), x)
         return x + self.pos_embed[: tokens.shape[1]], lens
 
+    def _open_clip_cls(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """open_clip's [CLS]: appended after the padding (position embedding of index T), and with its legacy
+        padding mask it sees the text, the first padding token (index L_b) and itself only when the text
+        fills all T positions. Placed at index L_b + 1 (last visible key), the same keys are exactly the
+        causal prefix: returns the embedded sequence and the [CLS] index."""
+        t = x.shape[1] - 1
+        x = x + self.pos_embed[: t + 1]
+        cls_at = torch.clamp(lens + 1, max=t)
+        is_cls = torch.arange(t + 1, device=x.device) == cls_at[:, None]
+        return torch.where(is_cls[..., None], (self.cls_embed + self.pos_embed[t]).to(x.dtype), x), cls_at
+
     def unimodal_text(self, text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(unimodal hidden states (B, T + 1, dim), normalised text embedding from [CLS] (B, embed_dim))."""
         x, lens = self.text_with_cls(text, text_mask)
-        hidden = self.unimodal(x)
+        kv_lens = None
+        if self.open_clip:  # [CLS] sees itself only when the text fills all T positions (see _open_clip_cls)
+            n, t = text_lengths("CoCa", text, text_mask).to(text.device), text.shape[1]
+            kv_lens = torch.where(n >= t, t + 1, n + 1).to(torch.int32)
+        hidden = self.unimodal(x, kv_lens=kv_lens)
         cls = hidden[torch.arange(hidden.shape[0], device=hidden.device), lens]
         return hidden, F.normalize(self.text_proj(self.text_norm(cls)), dim=-1)
 
@@ -124,7 +157,7 @@ class CoCa(nn.Module):
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         caption, con = self.pool(self.vision(image))
-        return F.normalize(self.image_proj(con[:, 0]), dim=-1)
+        return self._image_embedding(con)
 
     def encode_text(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         return self.unimodal_text(text, text_mask.bool())[1]

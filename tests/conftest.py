@@ -27,6 +27,11 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 HAS_CUDA = _HAS_CUDA
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
+# timm, open_clip and transformers import torchvision, whose CUDA-built C ops cannot load beside the CPU torch
+# wheel; vlcore.integrations declares their schemas so those imports work in every test (after the line above:
+# importing vlcore may import triton).
+import vlcore.integrations  # noqa: E402,F401
+
 try:  # property tests (tests/test_properties_*.py): a small reproducible budget in CI, more on request
     from hypothesis import HealthCheck, example, given, settings
 

@@ -32,9 +32,12 @@ def test_every_swin_layernorm_matches_eps_1e5_on_small_variance_tokens():
 
 
 def test_matches_timm_layernorm():
-    timm_layers = pytest.importorskip("timm.layers", reason="timm not installed")
+    timm = pytest.importorskip("timm", reason="timm not installed")
     enc = _encoder()
     x = torch.randn(2, 5, 16) * 1e-3
-    theirs = timm_layers.LayerNorm(16)  # timm's Swin norm layer (eps 1e-5)
+    # the norm layer timm's Swin really builds (timm.layers.LayerNorm defaults to eps 1e-6; Swin does not use it)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, window_size=4,
+                             embed_dim=16, depths=(2,), num_heads=(2,), num_classes=0)
+    theirs = swin.layers[0].blocks[0].norm1
     theirs.load_state_dict(enc.patch_norm.state_dict())
     torch.testing.assert_close(enc.patch_norm(x), theirs(x))

@@ -133,6 +133,8 @@ def _add_pretrain(sub) -> None:
     g.add_argument("--max-bad-fraction", type=float_in(0, 1), default=d.max_bad_fraction,
                    help="shards/manifests: stop when more than this fraction of the samples is unusable (each "
                         "skip is counted by reason in the metrics and the summary)")
+    g.add_argument("--init-vision", default=None, metavar="PATH",
+                   help="initialise the vision tower from a local timm ViT / Swin checkpoint (file or folder)")
     g.add_argument("--plugin", action="append", metavar="MODULE",
                    help="import MODULE first (e.g. one that registers your models with vlcore.models.register)")
     o = p.add_argument_group("optimisation")
@@ -225,7 +227,8 @@ def _cmd_pretrain(args) -> int:
                       num_workers=args.num_workers, threads=args.threads,
                       scene_mix=_scene_mix(args.scene_mix), shuffle_buffer=args.shuffle_buffer,
                       max_bad_fraction=args.max_bad_fraction, overrides=_overrides(args.overrides),
-                      quiet=args.quiet, explicit=explicit)
+                      quiet=args.quiet, explicit=explicit,
+                      init_vision=args.init_vision)
     from vlcore.train.checkpoint import CheckpointWriteError
 
     try:

@@ -28,12 +28,13 @@ class TextEmbeddings(nn.Module):
     forward(tokens (B, T), segments (B, T) or int or None, positions (B, T) / (T,) or None) -> (B, T, dim)
     """
 
-    def __init__(self, vocab_size: int, dim: int, max_len: int, *, segments: int = 2, norm: bool = True):
+    def __init__(self, vocab_size: int, dim: int, max_len: int, *, segments: int = 2, norm: bool = True,
+                 eps: float = LN_EPS):
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, dim)
         self.positions = nn.Embedding(max_len, dim)
         self.segments = nn.Embedding(segments, dim) if segments else None
-        self.norm = nn.LayerNorm(dim, eps=LN_EPS) if norm else nn.Identity()
+        self.norm = nn.LayerNorm(dim, eps=eps) if norm else nn.Identity()
         self.max_len = max_len
 
     def forward(self, tokens: torch.Tensor, segments: torch.Tensor | int | None = None,
@@ -54,14 +55,19 @@ class TextEmbeddings(nn.Module):
 class TextEncoder(nn.Module):
     """Bidirectional text encoder: embeddings + pre-norm encoder stack; padding handled by ``kv_lens``.
 
+    ``post_norm=True`` (no final LayerNorm then) and ``eps=1e-12`` give BERT's own post-norm layers, to run
+    BERT checkpoints (``vlcore.integrations.transformers``) unchanged.
+
     forward(text (B, T), text_mask (B, T)) -> (B, T, dim)
     """
 
     def __init__(self, vocab_size: int, dim: int, depth: int, heads: int, max_len: int, mlp_ratio: float = 4.0,
-                 *, checkpoint: bool = False, backend: str | None = None):
+                 *, checkpoint: bool = False, backend: str | None = None, post_norm: bool = False,
+                 eps: float = LN_EPS, segments: int = 2):
         super().__init__()
-        self.embeddings = TextEmbeddings(vocab_size, dim, max_len)
-        self.blocks = encoder(dim, depth, heads, mlp_ratio, checkpoint=checkpoint, backend=backend)
+        self.embeddings = TextEmbeddings(vocab_size, dim, max_len, segments=segments, eps=eps)
+        self.blocks = encoder(dim, depth, heads, mlp_ratio, checkpoint=checkpoint, backend=backend,
+                              post_norm=post_norm, eps=eps, final_norm=not post_norm)
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         check_text("TextEncoder", text, text_mask)

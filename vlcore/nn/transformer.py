@@ -34,24 +34,33 @@ class TransformerLayer(nn.Module):
     """x = x + SelfAttn(LN(x)); [x = x + CrossAttn(LN(x), context)]; x = x + MLP(LN(x)).
 
     ``causal=True`` makes the self-attention causal (decoder). ``mlp_ratio=0`` drops the MLP.
+    ``self_mlp=True`` adds a second MLP right after the self-attention and ``context_norm=True`` a LayerNorm
+    on the cross-attended context (open_clip's CoCa decoder layer: self-attention block + cross-attention
+    block, each with its own MLP). ``post_norm=True`` puts each LayerNorm after its residual sum instead (x = LN(x + SelfAttn(x)) ...), the
+    original BERT layer, so BERT checkpoints run unchanged; ``eps`` is the LayerNorms' epsilon (BERT: 1e-12).
     """
 
     causal_default = False
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, *, cross: bool = False,
                  context_dim: int | None = None, rel_pos_grid: tuple[int, int] | None = None,
-                 causal: bool | None = None, backend: str | None = None):
+                 causal: bool | None = None, backend: str | None = None, post_norm: bool = False,
+                 eps: float = LN_EPS, self_mlp: bool = False, context_norm: bool = False):
         super().__init__()
         self.causal = self.causal_default if causal is None else causal
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.post_norm = post_norm
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = MultiheadAttention(dim, heads, rel_pos_grid=rel_pos_grid, backend=backend)
         self.cross = cross
-        if cross:
-            self.norm_cross = nn.LayerNorm(dim, eps=LN_EPS)
-            self.cross_attn = MultiheadAttention(dim, heads, cross=True, context_dim=context_dim, backend=backend)
         hidden = int(dim * mlp_ratio)
+        self.self_mlp = MLP(dim, hidden) if self_mlp else None
+        self.norm_self_mlp = nn.LayerNorm(dim, eps=eps) if self_mlp else None
+        self.norm_context = nn.LayerNorm(context_dim or dim, eps=eps) if cross and context_norm else None
+        if cross:
+            self.norm_cross = nn.LayerNorm(dim, eps=eps)
+            self.cross_attn = MultiheadAttention(dim, heads, cross=True, context_dim=context_dim, backend=backend)
         if hidden:
-            self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+            self.norm2 = nn.LayerNorm(dim, eps=eps)
             self.mlp = MLP(dim, hidden)
         else:
             self.mlp = None
@@ -60,14 +69,29 @@ class TransformerLayer(nn.Module):
                 prefix_lens: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
                 context_lens: torch.Tensor | None = None, rel_pos_start: int = 0, use_rel_pos: bool = True,
                 cache: dict[str, KVCache] | None = None) -> torch.Tensor:
+        if self.post_norm:
+            return self._forward_post_norm(x, context, kv_lens=kv_lens, context_lens=context_lens)
         x = x + self.attn(self.norm1(x), causal=self.causal and prefix_lens is None, prefix_lens=prefix_lens,
                           kv_lens=kv_lens, rel_pos_start=rel_pos_start, use_rel_pos=use_rel_pos,
                           cache=None if cache is None else cache["self"])
+        if self.self_mlp is not None:
+            x = x + self.self_mlp(self.norm_self_mlp(x))
         if self.cross:
+            if self.norm_context is not None and context is not None and (cache is None or cache["cross"].empty):
+                context = self.norm_context(context)
             x = x + self.cross_attn(self.norm_cross(x), context, kv_lens=context_lens,
                                     cache=None if cache is None else cache["cross"])
         if self.mlp is not None:
             x = x + self.mlp(self.norm2(x))
+        return x
+
+    def _forward_post_norm(self, x: torch.Tensor, context: torch.Tensor | None, *, kv_lens: torch.Tensor | None,
+                           context_lens: torch.Tensor | None) -> torch.Tensor:
+        x = self.norm1(x + self.attn(x, causal=self.causal, kv_lens=kv_lens))
+        if self.cross:
+            x = self.norm_cross(x + self.cross_attn(x, context, kv_lens=context_lens))
+        if self.mlp is not None:
+            x = self.norm2(x + self.mlp(x))
         return x
 
 
@@ -88,10 +112,10 @@ class TransformerStack(nn.Module):
     """
 
     def __init__(self, layers: list[TransformerLayer], dim: int, *, final_norm: bool = True,
-                 checkpoint: bool = False):
+                 checkpoint: bool = False, eps: float = LN_EPS):
         super().__init__()
         self.layers = nn.ModuleList(layers)
-        self.norm = nn.LayerNorm(dim, eps=LN_EPS) if final_norm else nn.Identity()
+        self.norm = nn.LayerNorm(dim, eps=eps) if final_norm else nn.Identity()
         self.checkpoint = checkpoint
 
     def new_cache(self, max_len: int | None = None) -> list[dict[str, KVCache]]:
@@ -110,21 +134,23 @@ class TransformerStack(nn.Module):
 
 def encoder(dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, *, cross: bool = False,
             context_dim: int | None = None, rel_pos_grid: tuple[int, int] | None = None, final_norm: bool = True,
-            checkpoint: bool = False, backend: str | None = None) -> TransformerStack:
+            checkpoint: bool = False, backend: str | None = None, post_norm: bool = False,
+            eps: float = LN_EPS) -> TransformerStack:
     """A stack of :class:`EncoderLayer` (one relative-position table per layer when ``rel_pos_grid`` is set)."""
     layers = [EncoderLayer(dim, heads, mlp_ratio, cross=cross, context_dim=context_dim, rel_pos_grid=rel_pos_grid,
-                           backend=backend) for _ in range(depth)]
-    return TransformerStack(layers, dim, final_norm=final_norm, checkpoint=checkpoint)
+                           backend=backend, post_norm=post_norm, eps=eps) for _ in range(depth)]
+    return TransformerStack(layers, dim, final_norm=final_norm, checkpoint=checkpoint, eps=eps)
 
 
 def decoder(dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, *, cross: bool = False,
             context_dim: int | None = None, rel_pos_grid: tuple[int, int] | None = None, final_norm: bool = True,
-            checkpoint: bool = False, backend: str | None = None) -> TransformerStack:
+            checkpoint: bool = False, backend: str | None = None, eps: float = LN_EPS,
+            **layer_switches) -> TransformerStack:
     """A stack of causal :class:`DecoderLayer` (with cross-attention when ``cross``; passing ``prefix_lens``
-    turns the causal mask into a PrefixLM mask)."""
+    turns the causal mask into a PrefixLM mask). ``layer_switches``: self_mlp, context_norm."""
     layers = [DecoderLayer(dim, heads, mlp_ratio, cross=cross, context_dim=context_dim, rel_pos_grid=rel_pos_grid,
-                           backend=backend) for _ in range(depth)]
-    return TransformerStack(layers, dim, final_norm=final_norm, checkpoint=checkpoint)
+                           backend=backend, eps=eps, **layer_switches) for _ in range(depth)]
+    return TransformerStack(layers, dim, final_norm=final_norm, eps=eps, checkpoint=checkpoint)
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlcore.nn.transformer import encoder
+from vlcore.nn.transformer import LN_EPS, encoder
 
 
 class PatchEmbed(nn.Module):
@@ -62,16 +62,21 @@ class ViT(nn.Module):
 
     def __init__(self, image_size: int, patch_size: int, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0,
                  *, cls_token: bool = False, checkpoint: bool = False, backend: str | None = None,
-                 stem: str = "linear", stem_width: int = 32):
+                 stem: str = "linear", stem_width: int = 32, pre_norm: bool = False, final_norm: bool = True,
+                 eps: float = LN_EPS):
+        """``pre_norm`` adds a LayerNorm before the blocks and ``final_norm=False`` drops the one after them
+        (CLIP / open_clip towers, whose pooler normalises); ``eps``: the LayerNorms' epsilon."""
         super().__init__()
         self.patch_embed = PatchEmbed(image_size, patch_size, dim, stem=stem, stem_width=stem_width)
         n = self.patch_embed.num_patches + int(cls_token)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
         self.pos_embed = nn.Parameter(torch.randn(1, n, dim) * 0.02)
-        self.blocks = encoder(dim, depth, heads, mlp_ratio, checkpoint=checkpoint, backend=backend)
+        self.norm_pre = nn.LayerNorm(dim, eps=eps) if pre_norm else nn.Identity()
+        self.blocks = encoder(dim, depth, heads, mlp_ratio, checkpoint=checkpoint, backend=backend,
+                              final_norm=final_norm, eps=eps)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(image)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.blocks(x + self.pos_embed)
+        return self.blocks(self.norm_pre(x + self.pos_embed))

@@ -79,6 +79,7 @@ class TrainConfig:
     max_bad_fraction: float = 0.1  # shards/manifests: stop when more of the samples are unusable
     overrides: dict = field(default_factory=dict)
     quiet: bool = False
+    init_vision: str | None = None  # local timm ViT / Swin checkpoint for the vision tower (fresh runs only)
     # Fields set on purpose (the CLI's explicit flags): on --resume the others come from the run. None: those
     # that differ from these defaults.
     explicit: tuple | None = None
@@ -322,6 +323,12 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
         raise ValueError(f"model vocab_size {model_config['vocab_size']} < tokenizer vocab {tokenizer.vocab_size}")
     image_size, max_text_len = model_config.get("image_size", cfg.image_size), model_config.get(
         "max_text_len", cfg.max_text_len)
+    if cfg.init_vision and resumed is None:  # a resumed run already holds (and has trained) those weights
+        from vlcore.integrations.init import init_vision
+
+        summary = init_vision(model, cfg.init_vision)
+        if info.is_main and not cfg.quiet:
+            print(summary, flush=True)
     model.to(device)
     if resumed is not None:
         model.load_state_dict(resumed["model_state"])

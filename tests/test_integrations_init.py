@@ -1,0 +1,59 @@
+"""`vlcore pretrain --init-vision PATH`: a local timm checkpoint (file or folder) initialises a model's vision
+tower exactly (its outputs equal timm's), and a checkpoint of another architecture fails naming a key."""
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm", reason="timm not installed (pip install -e '.[interop]')")
+from safetensors.torch import save_file  # noqa: E402
+
+import vlcore.models as models  # noqa: E402
+from vlcore import cli  # noqa: E402
+from vlcore.integrations._mapping import UnmappableKeyError  # noqa: E402
+from vlcore.integrations.init import init_vision, read_state_dict  # noqa: E402
+
+# coca-tiny's tower with timm's linear patch stem: 64 px, patch 8, 64 wide, 2 blocks, 2 heads, no class token
+COCA = {"patch_stem": "linear"}
+
+
+def _timm_vit():
+    torch.manual_seed(1)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=8, embed_dim=64,
+                             depth=2, num_heads=2, class_token=False, global_pool="avg", fc_norm=False,
+                             num_classes=0).eval()
+
+
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_init_vision_from_a_local_file_equals_timm(tmp_path, as_folder):
+    theirs = _timm_vit()
+    path = tmp_path / ("model.safetensors" if as_folder else "vit.safetensors")
+    save_file(theirs.state_dict(), str(path))
+    model = models.create("coca-tiny", **COCA).eval()
+    summary = init_vision(model, tmp_path if as_folder else path)
+    assert "ViT" in summary
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model.vision(x), theirs.forward_features(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_pickles_and_wrapped_state_dicts_read(tmp_path):
+    state = _timm_vit().state_dict()
+    torch.save({"state_dict": state}, tmp_path / "ckpt.pt")
+    assert read_state_dict(tmp_path / "ckpt.pt").keys() == state.keys()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds none of"):
+        read_state_dict(tmp_path / "empty")
+
+
+def _pretrain(tmp_path, path, run, *model_set):
+    return cli.main(["pretrain", "--model", "coca-tiny", *model_set, "--steps", "1", "--batch-size", "4",
+                     "--eval", "off", "--quiet", "--device", "cpu", "--init-vision", str(path),
+                     "--out-dir", str(tmp_path / run)])
+
+
+def test_pretrain_init_vision_and_a_mismatched_checkpoint(tmp_path):
+    path = tmp_path / "vit.safetensors"
+    save_file(_timm_vit().state_dict(), str(path))
+    assert _pretrain(tmp_path, path, "run", "--set", "patch_stem=linear") == 0
+    # coca-tiny's default convolutional stem has no counterpart in a timm ViT: the key is named
+    with pytest.raises(UnmappableKeyError, match=r"cannot map checkpoint key .patch_embed\.proj\."):
+        _pretrain(tmp_path, path, "run2")
