@@ -95,8 +95,10 @@ _FWD_SHAPES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 
                (64, 128, 8, 3), (64, 32, 4, 4), (128, 64, 8, 4),
                (16, 64, 4, 3), (16, 128, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3)]
 # dK/dV: BLOCK_N keys per program, loops over BLOCK_M query rows.
-_DKDV_SHAPES = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3),
-                (32, 32, 4, 2), (64, 64, 8, 2), (16, 64, 4, 2), (16, 128, 4, 2)]
+# The transposed loop body keeps dK and dV (BLOCK_N × D fp32) plus K and V in registers: 8 warps for 64 keys at
+# D = 128 fit without spilling on sm_90 and sm_80 (the resource report); 4 warps fit at D <= 64.
+_DKDV_SHAPES = [(32, 64, 8, 2), (32, 64, 8, 3), (32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2),
+                (16, 64, 4, 2), (16, 128, 4, 2)]
 # dQ: BLOCK_M rows per program, loops over BLOCK_N keys.
 _DQ_SHAPES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),
               (64, 128, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (16, 128, 4, 2), (32, 64, 4, 2)]
@@ -171,17 +173,22 @@ def _visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START):
-    """Bias tile (BLOCK_M, BLOCK_N) in fp32 read from the table (0 outside the grid), Swin/timm index."""
+def _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START, KEYS_FIRST: tl.constexpr):
+    """Bias tile in fp32 read from the table (0 outside the grid), Swin/timm index: (BLOCK_M, BLOCK_N), or
+    (BLOCK_N, BLOCK_M) with KEYS_FIRST (the dK/dV kernel's transposed scores)."""
     tq = offs_m - REL_START
     tk = offs_n - REL_START
     in_q = (tq >= 0) & (tq < GH * GW)
     in_k = (tk >= 0) & (tk < GH * GW)
     tq = tl.where(in_q, tq, 0)
     tk = tl.where(in_k, tk, 0)
-    idx = (tq // GW)[:, None] - (tk // GW)[None, :] + (GH - 1)
-    idx = idx * (2 * GW - 1) + (tq % GW)[:, None] - (tk % GW)[None, :] + (GW - 1)
-    mask = in_q[:, None] & in_k[None, :]
+    if KEYS_FIRST:
+        yq, xq, yk, xk = (tq // GW)[None, :], (tq % GW)[None, :], (tk // GW)[:, None], (tk % GW)[:, None]
+        mask = in_k[:, None] & in_q[None, :]
+    else:
+        yq, xq, yk, xk = (tq // GW)[:, None], (tq % GW)[:, None], (tk // GW)[None, :], (tk % GW)[None, :]
+        mask = in_q[:, None] & in_k[None, :]
+    idx = (yq - yk + (GH - 1)) * (2 * GW - 1) + xq - xk + (GW - 1)
     return tl.load(Table + idx * stride_tr + h * stride_th, mask=mask, other=0.0).to(tl.float32)
 
 
@@ -194,14 +201,17 @@ def _touches_grid(start_m, start_n, GH, GW, REL_START, BLOCK_M: tl.constexpr, BL
 
 
 @triton.jit
-def _scores(q, k, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
-            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """log2-domain scores of a (BLOCK_M, BLOCK_N) tile: scale·q·kᵀ (+ the table's bias where the tile meets the
-    grid), shared by the forward and both backward kernels so they recompute exactly the same values."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+def _scores(a, b, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
+            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            KEYS_FIRST: tl.constexpr):
+    """log2-domain scores scale·a·bᵀ (+ the table's bias where the tile meets the grid), shared by the forward and
+    both backward kernels so they recompute the same values: (a, b) = (q, k) gives the (BLOCK_M, BLOCK_N) tile,
+    (k, q) with KEYS_FIRST its transpose Sᵀ (the dK/dV kernel, whose P and dS then feed the MMAs untransposed)."""
+    s = tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION) * qk_scale
     if HAS_BIAS:
         if _touches_grid(start_m, start_n, GH, GW, REL_START, BLOCK_M, BLOCK_N):
-            s += _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START) * 1.4426950408889634
+            bias = _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START, KEYS_FIRST)
+            s += bias * 1.4426950408889634
     return s
 
 
@@ -216,7 +226,7 @@ def _fwd_tile(q, m_i, l_i, acc, start_m, start_n, k_base, v_base, stride_kn, str
     k = _load2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
     v = _load2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
     s = _scores(q, k, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
-                HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION)
+                HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION, False)
     if MASKED:
         s = tl.where(_visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -309,26 +319,27 @@ def _load_row_stats(Lse, Delta, row_base, offs_m, NQ):
 
 
 @triton.jit
-def _dtable_tile(ds, start_m, start_n, offs_m, offs_n, DTab_row, GH, GW, REL_START,
+def _dtable_tile(ds_t, start_m, start_n, offs_m, offs_n, DTab_row, GH, GW, REL_START,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr):
-    """Add Σ of dS over each table entry of this tile to the program's buffer row (no atomics).
+    """Add Σ of dS over each table entry of this tile (given as dSᵀ, keys × queries) to the program's buffer row
+    (no atomics).
 
     Pairs on a diagonal i − j = d share (y_q − y_k, x_q − x_k) up to the sign of x_q − x_k, so a gather moves
-    the diagonals into columns and two column sums (x_q >= x_k, x_q < x_k) give every entry's contribution.
+    the diagonals into rows and two row sums (x_q >= x_k, x_q < x_k) give every entry's contribution.
     """
     tq = offs_m - REL_START
     tk = offs_n - REL_START
     in_q = (tq >= 0) & (tq < GH * GW)
     in_k = (tk >= 0) & (tk < GH * GW)
-    ds = tl.where(in_q[:, None] & in_k[None, :], ds, 0.0)
+    ds_t = tl.where(in_k[:, None] & in_q[None, :], ds_t, 0.0)
     offs_e = tl.arange(0, W)  # local diagonal e = i − j + BLOCK_N − 1
-    col = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_N - 1) - offs_e[None, :]  # key column of (row, diagonal)
-    on_tile = (col >= 0) & (col < BLOCK_N)
-    col = tl.where(on_tile, col, 0)
-    skewed = tl.where(on_tile, tl.gather(ds, col, 1), 0.0)
-    right = (tl.where(in_q, tq, 0) % GW)[:, None] >= (tl.maximum(start_n + col - REL_START, 0) % GW)
-    sum_right = tl.sum(tl.where(right, skewed, 0.0), 0)
-    sum_left = tl.sum(tl.where(right, 0.0, skewed), 0)
+    row = tl.arange(0, BLOCK_M)[None, :] + (BLOCK_N - 1) - offs_e[:, None]  # key row of (diagonal, query column)
+    on_tile = (row >= 0) & (row < BLOCK_N)
+    row = tl.where(on_tile, row, 0)
+    skewed = tl.where(on_tile, tl.gather(ds_t, row, 0), 0.0)
+    right = (tl.where(in_q, tq, 0) % GW)[None, :] >= (tl.maximum(start_n + row - REL_START, 0) % GW)
+    sum_right = tl.sum(tl.where(right, skewed, 0.0), 1)
+    sum_left = tl.sum(tl.where(right, 0.0, skewed), 1)
     d = start_m - start_n + offs_e - (BLOCK_N - 1)
     dx = ((d % GW) + GW) % GW  # x_q - x_k for the "right" pairs (>= 0); the "left" pairs have dx - GW
     dy = (d - dx) // GW
@@ -347,28 +358,41 @@ def _dtable_tile(ds, start_m, start_n, offs_m, offs_n, DTab_row, GH, GW, REL_STA
 
 
 @triton.jit
-def _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base, Lse, Delta, offs_n, offs_d,
-               NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START, DTab_row,
-               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-               MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               SKEW_W: tl.constexpr):
+def _visible_t(offs_n, offs_m, NQ, NK, kv_len, prefix, CAUSAL: tl.constexpr):
+    """_visible transposed: (BLOCK_N keys, BLOCK_M queries)."""
+    vis = (offs_n < kv_len)[:, None]
+    if CAUSAL:
+        vis = vis & ((offs_n[:, None] <= offs_m[None, :] + (NK - NQ)) | (offs_n < prefix)[:, None])
+    return vis
+
+
+@triton.jit
+def _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base, Lse, Delta, offs_n,
+               offs_d, NQ, NK, kv_len, prefix, masked, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
+               DTab_row, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SKEW_W: tl.constexpr):
+    """One query tile of the dK/dV loop, computed transposed (keys × queries, as Triton's fused-attention tutorial
+    does): Sᵀ = K·Qᵀ, so Pᵀ and dSᵀ are the *A* operands of dV += Pᵀ·dO and dK += dSᵀ·Q straight from the
+    accumulator registers, and only the loaded Q and dO tiles are transposed (for free, as shared-memory
+    descriptors). Computing S = Q·Kᵀ instead made tl.trans(P), tl.trans(dS) register shuffles that spilled.
+    ``masked`` (a per-tile flag) applies the visibility mask only on boundary tiles; rows past NQ have P = 0
+    through their lse (+inf), so the one loop body serves dense, boundary and tail tiles alike."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load2d(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, NQ, offs_d, HEAD_DIM, D_PAD, MASKED)
-    do = _load2d(do_base + offs_m[:, None] * stride_dn + offs_d[None, :], offs_m, NQ, offs_d, HEAD_DIM, D_PAD,
-                 MASKED)
+    q = _load2d(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, NQ, offs_d, HEAD_DIM, D_PAD, True)
+    do = _load2d(do_base + offs_m[:, None] * stride_dn + offs_d[None, :], offs_m, NQ, offs_d, HEAD_DIM, D_PAD, True)
     lse, delta = _load_row_stats(Lse, Delta, row_base, offs_m, NQ)
-    s = _scores(q, k, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
-                HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION)
-    p = tl.math.exp2(s - lse[:, None])
-    if MASKED:
-        p = tl.where(_visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL), p, 0.0)
-    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    s_t = _scores(k, q, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
+                  REL_START, HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION, True)
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    if masked:
+        p_t = tl.where(_visible_t(offs_n, offs_m, NQ, NK, kv_len, prefix, CAUSAL), p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         if _touches_grid(start_m, start_n, GH, GW, REL_START, BLOCK_M, BLOCK_N):
-            _dtable_tile(ds, start_m, start_n, offs_m, offs_n, DTab_row, GH, GW, REL_START, BLOCK_M, BLOCK_N, SKEW_W)
+            _dtable_tile(ds_t, start_m, start_n, offs_m, offs_n, DTab_row, GH, GW, REL_START, BLOCK_M, BLOCK_N, SKEW_W)
     return dk, dv
 
 
@@ -405,7 +429,8 @@ def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, D
         do_base = DOut + tl.cast(b, tl.int64) * stride_db + h * stride_dh
         row_base = (tl.cast(b, tl.int64) * H + h) * NQ
 
-        # Query rows that may see this key block: [lo, dense_lo) boundary, [dense_lo, full_end) dense, tail boundary.
+        # Query rows that may see this key block: [lo, dense_lo) need the mask, [dense_lo, NQ) are visible to
+        # every row that exists (rows past NQ have P = 0 through their lse).
         kv_len, prefix = _lens(b, NK, PrefixLens, KvLens, HAS_PREFIX, HAS_KVLEN)
         n_blocks_q = tl.cdiv(NQ, BLOCK_M) * BLOCK_M
         lo = start_n * 0
@@ -422,25 +447,14 @@ def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, D
             lo = n_blocks_q
         lo = (lo // BLOCK_M) * BLOCK_M
         dense_lo = tl.maximum(tl.cdiv(dense_lo, BLOCK_M) * BLOCK_M, lo)
-        full_end = (NQ // BLOCK_M) * BLOCK_M
 
         dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-        for start_m in range(lo, tl.minimum(dense_lo, NQ), BLOCK_M):
+        for start_m in range(lo, NQ, BLOCK_M):
             dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base,
-                                Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr,
-                                stride_th, h, GH, GW, REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True,
-                                BLOCK_M, BLOCK_N, DOT_PRECISION, SKEW_W)
-        for start_m in range(dense_lo, full_end, BLOCK_M):
-            dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base,
-                                Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr,
-                                stride_th, h, GH, GW, REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, False,
-                                BLOCK_M, BLOCK_N, DOT_PRECISION, SKEW_W)
-        for start_m in range(tl.maximum(dense_lo, full_end), NQ, BLOCK_M):
-            dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base,
-                                Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr,
-                                stride_th, h, GH, GW, REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True,
-                                BLOCK_M, BLOCK_N, DOT_PRECISION, SKEW_W)
+                                Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, start_m < dense_lo, qk_scale,
+                                Table, stride_tr, stride_th, h, GH, GW, REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL,
+                                HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION, SKEW_W)
 
         mask = (offs_n < NK)[:, None] & (offs_d < HEAD_DIM)[None, :]
         dk_ptrs = DK + b64 * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
@@ -458,7 +472,7 @@ def _dq_tile(q, do, lse, delta, dq, start_m, start_n, k_base, v_base, stride_kn,
     k = _load2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
     v = _load2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
     s = _scores(q, k, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
-                HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION)
+                HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION, False)
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
         p = tl.where(_visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL), p, 0.0)
@@ -559,7 +573,9 @@ def _gpu_fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tu
     """One config per (kernel, dtype, head dim, capability), sized to fit fp32 at the head dim in an A100's
     shared memory (164 KB)."""
     if d_pad <= 128:
-        shape = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}[kernel]
+        shape = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 4, 2)}[kernel]
+        if kernel == "dkdv" and d_pad <= 64 and capability < (9, 0):
+            shape = (16, 64, 4, 2)  # mma.sync keeps more per thread than wgmma: 8 warps at 32 rows spill there
     else:
         shape = {"fwd": (32, 32, 4, 2), "dkdv": (16, 32, 8, 1), "dq": (32, 32, 4, 2)}[kernel]
     if kernel != "dkdv" and q_bucket <= 16:  # attention pooling: 16-row blocks instead of mostly empty ones
