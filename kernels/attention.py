@@ -100,14 +100,15 @@ _FWD_SHAPES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 
 _DKDV_SHAPES = [(32, 64, 8, 2), (32, 64, 8, 3), (32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2),
                 (16, 64, 4, 2), (16, 128, 4, 2)]
 # dQ: BLOCK_M rows per program, loops over BLOCK_N keys.
-_DQ_SHAPES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),
-              (64, 128, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (16, 128, 4, 2), (32, 64, 4, 2)]
+# dQ keeps Q, dO and the dQ accumulator (BLOCK_M × D) in registers: 8 warps for 64 rows at D = 128.
+_DQ_SHAPES = [(64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3),
+              (32, 32, 4, 2), (16, 64, 4, 2), (16, 128, 4, 2), (32, 64, 4, 2)]
 # Head dims 136..256 (padded to 256): every (rows, 256) fp32 accumulator costs rows·256/threads registers and
 # every K/V stage rows·256·bytes of shared memory, so fewer rows and keys per tile, 8 warps, 1–2 stages.
 _FWD_SHAPES_LARGE_D = [(64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2), (16, 64, 4, 2),
                        (32, 32, 4, 2)]
 _DKDV_SHAPES_LARGE_D = [(32, 32, 8, 1), (32, 64, 8, 1), (16, 32, 8, 1), (16, 64, 8, 1)]
-_DQ_SHAPES_LARGE_D = [(64, 32, 8, 2), (64, 64, 8, 1), (16, 32, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)]
+_DQ_SHAPES_LARGE_D = [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2), (16, 64, 4, 2), (64, 32, 8, 1)]
 _KEY = ["HEAD_DIM", "N_BUCKET", "Q_BUCKET", "CAUSAL", "HAS_PREFIX", "HAS_KVLEN", "HAS_BIAS"]
 _INTERPRET_BLOCKS = (32, 32)
 
@@ -492,7 +493,15 @@ def _dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, PrefixLens, KvLens, Table,
     """One program per (query block, chunk of CHUNK samples, head), writing DQ[chunk]. Own queries: CHUNK = 1.
     Shared queries: the chunk's samples are summed in a fixed order in registers; with several chunks DQ is an
     fp32 (chunks, Nq, H, D) buffer the launcher sums in a fixed order (split over the batch: more programs
-    when Nq·H is small, as for attention pooling, and still deterministic)."""
+    when Nq·H is small, as for attention pooling, and still deterministic).
+
+    This separate pass recomputes S and dP: the backward runs 7 tile matmuls (4 in dK/dV, 3 here) where
+    FlashAttention-2 runs 5, accumulating dQ inside the dK/dV pass with float atomics (not deterministic). The
+    deterministic form of that (each key block writes an fp32 dQ partial, reduced in a fixed order) trades the 2
+    saved matmuls, 4·Nq·Nk·D FLOPs, for 2·(Nk/BLOCK_N)·Nq·D·4 bytes of partials written and read back:
+    BLOCK_N/2 = 32 FLOPs per byte at 64 keys per block, far below an H100's ~295 FLOP/B ridge (989 TFLOP/s over
+    3.35 TB/s), so it would be slower; its buffer (B·H·Nk/BLOCK_N·Nq·D fp32, 4.3 GB at B 64, H 16, N 1024, D 64)
+    is unbounded as well. Hence 7 matmuls."""
     pid_m, pid_bh = _block_and_head(NQ, BLOCK_M)
     chunk = pid_bh // H
     h = pid_bh % H
@@ -524,12 +533,14 @@ def _dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, PrefixLens, KvLens, Table,
 
 # ---- autotuned entry points (built lazily: the interpreter decision is read at import) -----------------
 
-def _pruner(min_rows: int, large_d_shapes, bias_limit: bool = False):
+def _pruner(min_rows: int, large_d_shapes, bias_limit: bool = False, large_d_min_rows: int | None = None):
     """Keep the configs made for the head dim (<= 128 or larger), then the row-block sizes that fit the number
     of queries: <= Q_BUCKET rows for few queries, >= min_rows otherwise. With a rel-pos table (dK/dV kernel)
     the dtable skew's gather grows with BLOCK_M + BLOCK_N (compile time and registers): keep the tiles whose
-    diagonals fit in 128 lanes."""
+    diagonals fit in 128 lanes. ``large_d_min_rows`` (default min_rows) for head dims > 128: the dQ kernel's
+    64-row (rows, 256) fp32 accumulator spills, so it keeps 32-row blocks there."""
     large = set(large_d_shapes)
+    large_d_min_rows = min_rows if large_d_min_rows is None else large_d_min_rows
 
     def prune(configs, named_args, **kwargs):
         get = lambda name, default: kwargs.get(name, named_args.get(name, default))
@@ -540,22 +551,25 @@ def _pruner(min_rows: int, large_d_shapes, bias_limit: bool = False):
         if q_bucket <= 32:
             kept = [c for c in configs if c.kwargs["BLOCK_M"] <= q_bucket]
         else:
-            kept = [c for c in configs if c.kwargs["BLOCK_M"] >= min_rows]
+            kept = [c for c in configs if c.kwargs["BLOCK_M"] >= (large_d_min_rows if want_large else min_rows)]
         if bias_limit and get("HAS_BIAS", False):
             kept = [c for c in kept if c.kwargs["SKEW_W"] <= 128]
         return kept or configs
     return prune
 
 
+_PRUNERS = {"fwd": _pruner(64, _FWD_SHAPES_LARGE_D), "dkdv": _pruner(32, _DKDV_SHAPES_LARGE_D, bias_limit=True),
+            "dq": _pruner(64, _DQ_SHAPES_LARGE_D, large_d_min_rows=32)}
+
+
 @functools.cache
 def _tuned():
     fwd = triton.autotune(_configs(_FWD_SHAPES, _FWD_SHAPES_LARGE_D), key=_KEY,
-                          prune_configs_by={"early_config_prune": _pruner(64, _FWD_SHAPES_LARGE_D)})(_fwd_kernel)
+                          prune_configs_by={"early_config_prune": _PRUNERS["fwd"]})(_fwd_kernel)
     dkdv = triton.autotune(_configs(_DKDV_SHAPES, _DKDV_SHAPES_LARGE_D, skew=True), key=_KEY,
-                           prune_configs_by={"early_config_prune": _pruner(32, _DKDV_SHAPES_LARGE_D,
-                                                                           bias_limit=True)})(_dkdv_kernel)
+                           prune_configs_by={"early_config_prune": _PRUNERS["dkdv"]})(_dkdv_kernel)
     dq = triton.autotune(_configs(_DQ_SHAPES, _DQ_SHAPES_LARGE_D), key=_KEY,
-                         prune_configs_by={"early_config_prune": _pruner(64, _DQ_SHAPES_LARGE_D)})(_dq_kernel)
+                         prune_configs_by={"early_config_prune": _PRUNERS["dq"]})(_dq_kernel)
     return fwd, dkdv, dq
 
 
@@ -573,13 +587,13 @@ def _gpu_fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tu
     """One config per (kernel, dtype, head dim, capability), sized to fit fp32 at the head dim in an A100's
     shared memory (164 KB)."""
     if d_pad <= 128:
-        shape = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 4, 2)}[kernel]
+        shape = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)}[kernel]
         if kernel == "dkdv" and d_pad <= 64 and capability < (9, 0):
             shape = (16, 64, 4, 2)  # mma.sync keeps more per thread than wgmma: 8 warps at 32 rows spill there
     else:
-        shape = {"fwd": (32, 32, 4, 2), "dkdv": (16, 32, 8, 1), "dq": (32, 32, 4, 2)}[kernel]
+        shape = {"fwd": (32, 32, 4, 2), "dkdv": (16, 32, 8, 1), "dq": (32, 32, 8, 2)}[kernel]
     if kernel != "dkdv" and q_bucket <= 16:  # attention pooling: 16-row blocks instead of mostly empty ones
-        shape = (16, *shape[1:])
+        shape = (16, shape[1], 4, shape[3])
     if dtype == torch.float32 and d_pad > 128:
         shape = (*shape[:3], 1)  # fp32 K/V tiles of 256 columns: one stage fits the shared memory
     if capability < (8, 0):  # no cp.async before Ampere: software pipelining only costs shared memory
@@ -820,9 +834,9 @@ def static_variants() -> list[KernelVariant]:
     configs the pruner keeps for many queries (Q_BUCKET 128) and, marked ``default``, the fixed config of the
     deterministic mode per target capability; the Δ kernel has one config. Head dims 64, 128 and 256."""
     variants = []
-    lists = {"fwd": (_FWD_SHAPES, _FWD_SHAPES_LARGE_D, _pruner(64, _FWD_SHAPES_LARGE_D)),
-             "dkdv": (_DKDV_SHAPES, _DKDV_SHAPES_LARGE_D, _pruner(32, _DKDV_SHAPES_LARGE_D, bias_limit=True)),
-             "dq": (_DQ_SHAPES, _DQ_SHAPES_LARGE_D, _pruner(64, _DQ_SHAPES_LARGE_D))}
+    lists = {"fwd": (_FWD_SHAPES, _FWD_SHAPES_LARGE_D, _PRUNERS["fwd"]),
+             "dkdv": (_DKDV_SHAPES, _DKDV_SHAPES_LARGE_D, _PRUNERS["dkdv"]),
+             "dq": (_DQ_SHAPES, _DQ_SHAPES_LARGE_D, _PRUNERS["dq"])}
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for dim in _REPORT_DIMS:
             for flags in _REPORT_FLAGS:

@@ -25,10 +25,9 @@ def compile_spec(cap: int, dtype: torch.dtype, head_dim: int, flags: set[str], a
     done = []
     prune_args["D_PAD"] = meta["D_PAD"]
     for fn, shapes, large, skew, prune in (
-            (ka._fwd_kernel, ka._FWD_SHAPES, ka._FWD_SHAPES_LARGE_D, False, ka._pruner(64, ka._FWD_SHAPES_LARGE_D)),
-            (ka._dq_kernel, ka._DQ_SHAPES, ka._DQ_SHAPES_LARGE_D, False, ka._pruner(64, ka._DQ_SHAPES_LARGE_D)),
-            (ka._dkdv_kernel, ka._DKDV_SHAPES, ka._DKDV_SHAPES_LARGE_D, True,
-             ka._pruner(32, ka._DKDV_SHAPES_LARGE_D, bias_limit=True))):
+            (ka._fwd_kernel, ka._FWD_SHAPES, ka._FWD_SHAPES_LARGE_D, False, ka._PRUNERS["fwd"]),
+            (ka._dq_kernel, ka._DQ_SHAPES, ka._DQ_SHAPES_LARGE_D, False, ka._PRUNERS["dq"]),
+            (ka._dkdv_kernel, ka._DKDV_SHAPES, ka._DKDV_SHAPES_LARGE_D, True, ka._PRUNERS["dkdv"])):
         configs = _configs(list(dict.fromkeys(shapes + large)), skew)
         configs = prune(configs, {}, **prune_args)
         if not all_configs:

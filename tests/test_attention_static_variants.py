@@ -74,3 +74,11 @@ def test_some_variants_compile_for_sm90(pick):
     proc = subprocess.run([sys.executable, "-c", _COMPILE, *pick.split()], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_dq_keeps_32_row_blocks_for_large_head_dims():
+    # at D = 256 a 64-row dQ block spills on sm_90 (its (64, 256) fp32 accumulator); the deterministic config
+    # (32 rows, 8 warps: no spills) must also be one the autotuner may pick for many queries
+    dq256 = {_shape(v) for v in ka.static_variants() if v.kernel == "attention.dq" and v.dim == 256 and not v.default}
+    fixed = ka._gpu_fixed_shape("dq", torch.bfloat16, 256, (9, 0), 128)
+    assert fixed[0] == 32 and fixed in dq256, (fixed, dq256)
