@@ -24,11 +24,16 @@ arithmetic (for PrefixLM the whole prefix block is dense), boundary tiles run wi
 Relative position bias (SimVLM; Swin/timm table layout, Liu et al., 2021, arXiv:2103.14030): tokens
 t in [s, s + gh·gw) sit at (y, x) = divmod(t − s, gw); a pair gets table[(y_q − y_k + gh − 1)(2gw − 1) + x_q − x_k +
 gw − 1, h]. The kernels gather it from the (small, cache-resident) table. For dtable, a key-block program skews
-each dS tile so that its diagonals become columns (tl.gather): all pairs on one diagonal i − j = d with the same
+each dS tile so that its diagonals become rows (tl.gather): all pairs on one diagonal i − j = d with the same
 sign of x_q − x_k share one table entry, so a tile reduces to 2·(BLOCK_M + BLOCK_N) sums with distinct table
-rows; they are added to the program's own row of a (programs, table) fp32 buffer, summed afterwards by torch in a
-fixed order. With a table a dK/dV program handles a chunk of samples in turn, so that the buffer holds at most
+rows. They accumulate in a register window that slides with the query loop; each diagonal is stored once when it
+leaves the window (no read-modify-write, no barrier in the loop, which therefore keeps its cp.async pipelining),
+and each program writes one row of a (programs, table) fp32 buffer, summed afterwards by torch in a fixed order.
+With a table a dK/dV program handles a chunk of samples in turn, so that the buffer holds at most
 max(B, key blocks)·H rows.
+
+The dK/dV kernel works on transposed tiles (Sᵀ = K·Qᵀ, keys × queries) so that Pᵀ and dSᵀ are MMA operands as
+computed, and runs one loop body for dense, boundary and tail tiles (a per-tile mask flag).
 
 Grids put blocks × batch·heads on axis 0 (blocks fastest): CUDA caps axes 1 and 2 at 65 535. Every launch runs
 inside the tensors' device guard. Deterministic mode (kernels/_launch.py) launches one fixed config per (dtype,
@@ -107,7 +112,7 @@ _DQ_SHAPES = [(64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2), (
 # every K/V stage rows·256·bytes of shared memory, so fewer rows and keys per tile, 8 warps, 1–2 stages.
 _FWD_SHAPES_LARGE_D = [(64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2), (16, 64, 4, 2),
                        (32, 32, 4, 2)]
-_DKDV_SHAPES_LARGE_D = [(32, 32, 8, 1), (32, 64, 8, 1), (16, 32, 8, 1), (16, 64, 8, 1)]
+_DKDV_SHAPES_LARGE_D = [(16, 32, 8, 2), (32, 32, 8, 1), (32, 64, 8, 1), (16, 32, 8, 1), (16, 64, 8, 1)]
 _DQ_SHAPES_LARGE_D = [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2), (16, 64, 4, 2), (64, 32, 8, 1)]
 _KEY = ["HEAD_DIM", "N_BUCKET", "Q_BUCKET", "CAUSAL", "HAS_PREFIX", "HAS_KVLEN", "HAS_BIAS"]
 _INTERPRET_BLOCKS = (32, 32)
@@ -634,7 +639,8 @@ def _gpu_fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tu
         if kernel == "dkdv" and has_bias:  # the dtable window sums and skew gather need room: 32 keys per block
             shape = (32, 32, 8, 2)
     else:
-        shape = {"fwd": (32, 32, 4, 2), "dkdv": (16, 32, 8, 1), "dq": (32, 32, 8, 2)}[kernel]
+        # dK/dV: two stages fit without spilling, one with a table (its window sums and skew need the registers)
+        shape = {"fwd": (32, 32, 4, 2), "dkdv": (16, 32, 8, 1 if has_bias else 2), "dq": (32, 32, 8, 2)}[kernel]
     if kernel != "dkdv" and q_bucket <= 16:  # attention pooling: 16-row blocks instead of mostly empty ones
         shape = (16, shape[1], 4, shape[3])
     if dtype == torch.float32 and d_pad > 128:
