@@ -24,11 +24,16 @@ arithmetic (for PrefixLM the whole prefix block is dense), boundary tiles run wi
 Relative position bias (SimVLM; Swin/timm table layout, Liu et al., 2021, arXiv:2103.14030): tokens
 t in [s, s + gh·gw) sit at (y, x) = divmod(t − s, gw); a pair gets table[(y_q − y_k + gh − 1)(2gw − 1) + x_q − x_k +
 gw − 1, h]. The kernels gather it from the (small, cache-resident) table. For dtable, a key-block program skews
-each dS tile so that its diagonals become columns (tl.gather): all pairs on one diagonal i − j = d with the same
+each dS tile so that its diagonals become rows (tl.gather): all pairs on one diagonal i − j = d with the same
 sign of x_q − x_k share one table entry, so a tile reduces to 2·(BLOCK_M + BLOCK_N) sums with distinct table
-rows; they are added to the program's own row of a (programs, table) fp32 buffer, summed afterwards by torch in a
-fixed order. With a table a dK/dV program handles a chunk of samples in turn, so that the buffer holds at most
+rows. They accumulate in a register window that slides with the query loop; each diagonal is stored once when it
+leaves the window (no read-modify-write, no barrier in the loop, which therefore keeps its cp.async pipelining),
+and each program writes one row of a (programs, table) fp32 buffer, summed afterwards by torch in a fixed order.
+With a table a dK/dV program handles a chunk of samples in turn, so that the buffer holds at most
 max(B, key blocks)·H rows.
+
+The dK/dV kernel works on transposed tiles (Sᵀ = K·Qᵀ, keys × queries) so that Pᵀ and dSᵀ are MMA operands as
+computed, and runs one loop body for dense, boundary and tail tiles (a per-tile mask flag).
 
 Grids put blocks × batch·heads on axis 0 (blocks fastest): CUDA caps axes 1 and 2 at 65 535. Every launch runs
 inside the tensors' device guard. Deterministic mode (kernels/_launch.py) launches one fixed config per (dtype,
@@ -95,17 +100,20 @@ _FWD_SHAPES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 
                (64, 128, 8, 3), (64, 32, 4, 4), (128, 64, 8, 4),
                (16, 64, 4, 3), (16, 128, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3)]
 # dK/dV: BLOCK_N keys per program, loops over BLOCK_M query rows.
-_DKDV_SHAPES = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3),
-                (32, 32, 4, 2), (64, 64, 8, 2), (16, 64, 4, 2), (16, 128, 4, 2)]
+# The transposed loop body keeps dK and dV (BLOCK_N × D fp32) plus K and V in registers: 8 warps for 64 keys at
+# D = 128 fit without spilling on sm_90 and sm_80 (the resource report); 4 warps fit at D <= 64.
+_DKDV_SHAPES = [(32, 64, 8, 2), (32, 64, 8, 3), (32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 32, 8, 2),
+                (32, 32, 4, 2), (16, 64, 4, 2), (16, 128, 4, 2)]
 # dQ: BLOCK_M rows per program, loops over BLOCK_N keys.
-_DQ_SHAPES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),
-              (64, 128, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (16, 128, 4, 2), (32, 64, 4, 2)]
+# dQ keeps Q, dO and the dQ accumulator (BLOCK_M × D) in registers: 8 warps for 64 rows at D = 128.
+_DQ_SHAPES = [(64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3),
+              (32, 32, 4, 2), (16, 64, 4, 2), (16, 128, 4, 2), (32, 64, 4, 2)]
 # Head dims 136..256 (padded to 256): every (rows, 256) fp32 accumulator costs rows·256/threads registers and
 # every K/V stage rows·256·bytes of shared memory, so fewer rows and keys per tile, 8 warps, 1–2 stages.
 _FWD_SHAPES_LARGE_D = [(64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2), (16, 64, 4, 2),
                        (32, 32, 4, 2)]
-_DKDV_SHAPES_LARGE_D = [(32, 32, 8, 1), (32, 64, 8, 1), (16, 32, 8, 1), (16, 64, 8, 1)]
-_DQ_SHAPES_LARGE_D = [(64, 32, 8, 2), (64, 64, 8, 1), (16, 32, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)]
+_DKDV_SHAPES_LARGE_D = [(16, 32, 8, 2), (32, 32, 8, 1), (32, 64, 8, 1), (16, 32, 8, 1), (16, 64, 8, 1)]
+_DQ_SHAPES_LARGE_D = [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2), (16, 64, 4, 2), (64, 32, 8, 1)]
 _KEY = ["HEAD_DIM", "N_BUCKET", "Q_BUCKET", "CAUSAL", "HAS_PREFIX", "HAS_KVLEN", "HAS_BIAS"]
 _INTERPRET_BLOCKS = (32, 32)
 
@@ -171,17 +179,22 @@ def _visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START):
-    """Bias tile (BLOCK_M, BLOCK_N) in fp32 read from the table (0 outside the grid), Swin/timm index."""
+def _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START, KEYS_FIRST: tl.constexpr):
+    """Bias tile in fp32 read from the table (0 outside the grid), Swin/timm index: (BLOCK_M, BLOCK_N), or
+    (BLOCK_N, BLOCK_M) with KEYS_FIRST (the dK/dV kernel's transposed scores)."""
     tq = offs_m - REL_START
     tk = offs_n - REL_START
     in_q = (tq >= 0) & (tq < GH * GW)
     in_k = (tk >= 0) & (tk < GH * GW)
     tq = tl.where(in_q, tq, 0)
     tk = tl.where(in_k, tk, 0)
-    idx = (tq // GW)[:, None] - (tk // GW)[None, :] + (GH - 1)
-    idx = idx * (2 * GW - 1) + (tq % GW)[:, None] - (tk % GW)[None, :] + (GW - 1)
-    mask = in_q[:, None] & in_k[None, :]
+    if KEYS_FIRST:
+        yq, xq, yk, xk = (tq // GW)[None, :], (tq % GW)[None, :], (tk // GW)[:, None], (tk % GW)[:, None]
+        mask = in_k[:, None] & in_q[None, :]
+    else:
+        yq, xq, yk, xk = (tq // GW)[:, None], (tq % GW)[:, None], (tk // GW)[None, :], (tk % GW)[None, :]
+        mask = in_q[:, None] & in_k[None, :]
+    idx = (yq - yk + (GH - 1)) * (2 * GW - 1) + xq - xk + (GW - 1)
     return tl.load(Table + idx * stride_tr + h * stride_th, mask=mask, other=0.0).to(tl.float32)
 
 
@@ -194,14 +207,17 @@ def _touches_grid(start_m, start_n, GH, GW, REL_START, BLOCK_M: tl.constexpr, BL
 
 
 @triton.jit
-def _scores(q, k, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
-            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """log2-domain scores of a (BLOCK_M, BLOCK_N) tile: scale·q·kᵀ (+ the table's bias where the tile meets the
-    grid), shared by the forward and both backward kernels so they recompute exactly the same values."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+def _scores(a, b, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
+            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            KEYS_FIRST: tl.constexpr):
+    """log2-domain scores scale·a·bᵀ (+ the table's bias where the tile meets the grid), shared by the forward and
+    both backward kernels so they recompute the same values: (a, b) = (q, k) gives the (BLOCK_M, BLOCK_N) tile,
+    (k, q) with KEYS_FIRST its transpose Sᵀ (the dK/dV kernel, whose P and dS then feed the MMAs untransposed)."""
+    s = tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION) * qk_scale
     if HAS_BIAS:
         if _touches_grid(start_m, start_n, GH, GW, REL_START, BLOCK_M, BLOCK_N):
-            s += _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START) * 1.4426950408889634
+            bias = _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START, KEYS_FIRST)
+            s += bias * 1.4426950408889634
     return s
 
 
@@ -216,7 +232,7 @@ def _fwd_tile(q, m_i, l_i, acc, start_m, start_n, k_base, v_base, stride_kn, str
     k = _load2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
     v = _load2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
     s = _scores(q, k, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
-                HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION)
+                HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION, False)
     if MASKED:
         s = tl.where(_visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -309,67 +325,95 @@ def _load_row_stats(Lse, Delta, row_base, offs_m, NQ):
 
 
 @triton.jit
-def _dtable_tile(ds, start_m, start_n, offs_m, offs_n, DTab_row, GH, GW, REL_START,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr):
-    """Add Σ of dS over each table entry of this tile to the program's buffer row (no atomics).
+def _diagonal_sums(ds_t, start_n, offs_m, offs_n, GH, GW, REL_START, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   W: tl.constexpr):
+    """(right, left) sums of dSᵀ (keys × queries) per local diagonal e = i − j + BLOCK_N − 1 of the tile (W >=
+    BLOCK_M + BLOCK_N − 1 of them; pairs outside the grid count 0).
 
     Pairs on a diagonal i − j = d share (y_q − y_k, x_q − x_k) up to the sign of x_q − x_k, so a gather moves
-    the diagonals into columns and two column sums (x_q >= x_k, x_q < x_k) give every entry's contribution.
+    the diagonals into rows and two row sums (x_q >= x_k: "right", x_q < x_k: "left") give one table entry each.
     """
     tq = offs_m - REL_START
     tk = offs_n - REL_START
     in_q = (tq >= 0) & (tq < GH * GW)
     in_k = (tk >= 0) & (tk < GH * GW)
-    ds = tl.where(in_q[:, None] & in_k[None, :], ds, 0.0)
-    offs_e = tl.arange(0, W)  # local diagonal e = i − j + BLOCK_N − 1
-    col = tl.arange(0, BLOCK_M)[:, None] + (BLOCK_N - 1) - offs_e[None, :]  # key column of (row, diagonal)
-    on_tile = (col >= 0) & (col < BLOCK_N)
-    col = tl.where(on_tile, col, 0)
-    skewed = tl.where(on_tile, tl.gather(ds, col, 1), 0.0)
-    right = (tl.where(in_q, tq, 0) % GW)[:, None] >= (tl.maximum(start_n + col - REL_START, 0) % GW)
-    sum_right = tl.sum(tl.where(right, skewed, 0.0), 0)
-    sum_left = tl.sum(tl.where(right, 0.0, skewed), 0)
-    d = start_m - start_n + offs_e - (BLOCK_N - 1)
-    dx = ((d % GW) + GW) % GW  # x_q - x_k for the "right" pairs (>= 0); the "left" pairs have dx - GW
-    dy = (d - dx) // GW
-    ok_right = (dy > -GH) & (dy < GH) & (offs_e < BLOCK_M + BLOCK_N - 1)
-    ok_left = (dx != 0) & (dy + 1 > -GH) & (dy + 1 < GH) & (offs_e < BLOCK_M + BLOCK_N - 1)
-    r_right = (dy + GH - 1) * (2 * GW - 1) + dx + GW - 1
-    r_left = r_right + (2 * GW - 1) - GW  # (dy + 1, dx - GW)
-    # Read-modify-write of the program's own row. The sums may be replicated over threads (a reduced layout):
-    # every thread reads before any thread writes, so duplicates store the same value and nothing is added twice.
-    tl.debug_barrier()  # the previous tile's stores are visible to every thread of the program
-    old_right = tl.load(DTab_row + r_right, mask=ok_right, other=0.0)
-    old_left = tl.load(DTab_row + r_left, mask=ok_left, other=0.0)
-    tl.debug_barrier()
-    tl.store(DTab_row + r_right, old_right + sum_right, mask=ok_right)
-    tl.store(DTab_row + r_left, old_left + sum_left, mask=ok_left)
+    ds_t = tl.where(in_k[:, None] & in_q[None, :], ds_t, 0.0)
+    offs_e = tl.arange(0, W)
+    row = tl.arange(0, BLOCK_M)[None, :] + (BLOCK_N - 1) - offs_e[:, None]  # key row of (diagonal, query column)
+    on_tile = (row >= 0) & (row < BLOCK_N)
+    row = tl.where(on_tile, row, 0)
+    skewed = tl.where(on_tile, tl.gather(ds_t, row, 0), 0.0)
+    right = (tl.where(in_q, tq, 0) % GW)[None, :] >= (tl.maximum(start_n + row - REL_START, 0) % GW)
+    return tl.sum(tl.where(right, skewed, 0.0), 1), tl.sum(tl.where(right, 0.0, skewed), 1)
 
 
 @triton.jit
-def _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base, Lse, Delta, offs_n, offs_d,
-               NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START, DTab_row,
-               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-               MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               SKEW_W: tl.constexpr):
+def _store_diagonals(win_right, win_left, base_m, start_n, Row, GH, GW, LIMIT, BLOCK_N: tl.constexpr,
+                     W: tl.constexpr):
+    """Store window entries e < LIMIT (diagonal d = base_m − start_n + e − (BLOCK_N − 1)) at their table rows in
+    the program's staging row. (d, side) ↔ table entry is one-to-one and each diagonal leaves the window once per
+    sample, so these are plain stores (no read-modify-write: no barrier); threads holding replicas of a sum
+    store the same value."""
+    offs_e = tl.arange(0, W)
+    d = base_m - start_n + offs_e - (BLOCK_N - 1)
+    dx = ((d % GW) + GW) % GW  # x_q - x_k for the "right" pairs (>= 0); the "left" pairs have dx - GW
+    dy = (d - dx) // GW
+    ok_right = (dy > -GH) & (dy < GH) & (offs_e < LIMIT)
+    ok_left = (dx != 0) & (dy + 1 > -GH) & (dy + 1 < GH) & (offs_e < LIMIT)
+    r_right = (dy + GH - 1) * (2 * GW - 1) + dx + GW - 1
+    r_left = r_right + (2 * GW - 1) - GW  # (dy + 1, dx - GW)
+    tl.store(Row + r_right, win_right, mask=ok_right)
+    tl.store(Row + r_left, win_left, mask=ok_left)
+
+
+@triton.jit
+def _shift_window(win, SHIFT: tl.constexpr, W: tl.constexpr):
+    """win[e + SHIFT] at e (0 past the end): the next query tile's window starts SHIFT diagonals later."""
+    idx = tl.arange(0, W) + SHIFT
+    return tl.where(idx < W, tl.gather(win, tl.minimum(idx, W - 1), 0), 0.0)
+
+
+@triton.jit
+def _visible_t(offs_n, offs_m, NQ, NK, kv_len, prefix, CAUSAL: tl.constexpr):
+    """_visible transposed: (BLOCK_N keys, BLOCK_M queries)."""
+    vis = (offs_n < kv_len)[:, None]
+    if CAUSAL:
+        vis = vis & ((offs_n[:, None] <= offs_m[None, :] + (NK - NQ)) | (offs_n < prefix)[:, None])
+    return vis
+
+
+@triton.jit
+def _dkdv_tile(k, v, dk, dv, win_right, win_left, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base,
+               Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, masked, qk_scale, Table, stride_tr, stride_th, h,
+               GH, GW, REL_START, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SKEW_W: tl.constexpr):
+    """One query tile of the dK/dV loop, computed transposed (keys × queries, as Triton's fused-attention tutorial
+    does): Sᵀ = K·Qᵀ, so Pᵀ and dSᵀ are the *A* operands of dV += Pᵀ·dO and dK += dSᵀ·Q straight from the
+    accumulator registers, and only the loaded Q and dO tiles are transposed (for free, as shared-memory
+    descriptors). Computing S = Q·Kᵀ instead made tl.trans(P), tl.trans(dS) register shuffles that spilled.
+    ``masked`` (a per-tile flag) applies the visibility mask only on boundary tiles; rows past NQ have P = 0
+    through their lse (+inf), so the one loop body serves dense, boundary and tail tiles alike. With a table the
+    tile's dS is added, per diagonal, to the (right, left) window sums (no memory traffic here)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load2d(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, NQ, offs_d, HEAD_DIM, D_PAD, MASKED)
-    do = _load2d(do_base + offs_m[:, None] * stride_dn + offs_d[None, :], offs_m, NQ, offs_d, HEAD_DIM, D_PAD,
-                 MASKED)
+    q = _load2d(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, NQ, offs_d, HEAD_DIM, D_PAD, True)
+    do = _load2d(do_base + offs_m[:, None] * stride_dn + offs_d[None, :], offs_m, NQ, offs_d, HEAD_DIM, D_PAD, True)
     lse, delta = _load_row_stats(Lse, Delta, row_base, offs_m, NQ)
-    s = _scores(q, k, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
-                HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION)
-    p = tl.math.exp2(s - lse[:, None])
-    if MASKED:
-        p = tl.where(_visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL), p, 0.0)
-    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    s_t = _scores(k, q, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
+                  REL_START, HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION, True)
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    if masked:
+        p_t = tl.where(_visible_t(offs_n, offs_m, NQ, NK, kv_len, prefix, CAUSAL), p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         if _touches_grid(start_m, start_n, GH, GW, REL_START, BLOCK_M, BLOCK_N):
-            _dtable_tile(ds, start_m, start_n, offs_m, offs_n, DTab_row, GH, GW, REL_START, BLOCK_M, BLOCK_N, SKEW_W)
-    return dk, dv
+            sum_right, sum_left = _diagonal_sums(ds_t, start_n, offs_m, offs_n, GH, GW, REL_START, BLOCK_M, BLOCK_N,
+                                                 SKEW_W)
+            win_right += sum_right
+            win_left += sum_left
+    return dk, dv, win_right, win_left
 
 
 @triton.jit
@@ -380,10 +424,18 @@ def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, D
                  H, NQ, NK, BATCH, CHUNK, qk_scale, scale, GH, GW, REL_START, TABLE_SIZE,
                  N_BUCKET, Q_BUCKET, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKEW_W: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKEW_W: tl.constexpr,
+                 T_PAD: tl.constexpr):
     """One program per (key block, chunk of CHUNK samples, head): dK, dV of each sample of the chunk in turn, and
     the chunk's dtable partial sums in the program's own buffer row. Without a table CHUNK = 1; with one the
-    launcher picks CHUNK so that the buffer holds at most max(B, key blocks)·H rows (not B·H·key blocks)."""
+    launcher picks CHUNK so that the buffer holds at most max(B, key blocks)·H rows (not B·H·key blocks).
+
+    dtable without a read-modify-write in the query loop (which needed two barriers per tile and kept the loop
+    from being software-pipelined): the key block is fixed, so query tile t covers the diagonals from
+    t·BLOCK_M − start_n − BLOCK_N + 1 on; a window of SKEW_W diagonal sums (right/left) slides along, and after
+    each tile its first BLOCK_M diagonals are final: stored once (plain stores) at their table entries in the
+    program's buffer row, which stages the sample. After each sample (outside the loop) the staged row is added
+    to a (T_PAD,) register accumulator in a fixed order and zeroed; the program writes its row once at the end."""
     pid_n, pid_bh = _block_and_head(NK, BLOCK_N)
     chunk = pid_bh // H
     h = pid_bh % H
@@ -391,10 +443,11 @@ def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, D
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     DTab_row = DTab + (pid_bh.to(tl.int64) * tl.cdiv(NK, BLOCK_N) + pid_n) * TABLE_SIZE
-    if HAS_BIAS:  # this program owns its buffer row: zero it (autotuning reruns the kernel)
-        for t0 in range(0, TABLE_SIZE, BLOCK_N):
-            offs_t = t0 + tl.arange(0, BLOCK_N)
-            tl.store(DTab_row + offs_t, tl.zeros([BLOCK_N], tl.float32), mask=offs_t < TABLE_SIZE)
+    offs_t = tl.arange(0, T_PAD)  # one thread per entry (T_PAD >= threads): no replicas in the staging passes
+    dtab = tl.zeros([T_PAD], tl.float32)
+    if HAS_BIAS:  # this program owns its buffer row: zero it (autotuning reruns the kernel; stores skip entries)
+        tl.store(DTab_row + offs_t, dtab, mask=offs_t < TABLE_SIZE)
+        tl.debug_barrier()
     for b in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, BATCH)):  # fixed order: deterministic
         b64 = tl.cast(b, tl.int64)
         k = _load2d(K + b64 * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
@@ -405,7 +458,8 @@ def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, D
         do_base = DOut + tl.cast(b, tl.int64) * stride_db + h * stride_dh
         row_base = (tl.cast(b, tl.int64) * H + h) * NQ
 
-        # Query rows that may see this key block: [lo, dense_lo) boundary, [dense_lo, full_end) dense, tail boundary.
+        # Query rows that may see this key block: [lo, dense_lo) need the mask, [dense_lo, NQ) are visible to
+        # every row that exists (rows past NQ have P = 0 through their lse).
         kv_len, prefix = _lens(b, NK, PrefixLens, KvLens, HAS_PREFIX, HAS_KVLEN)
         n_blocks_q = tl.cdiv(NQ, BLOCK_M) * BLOCK_M
         lo = start_n * 0
@@ -422,31 +476,36 @@ def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, D
             lo = n_blocks_q
         lo = (lo // BLOCK_M) * BLOCK_M
         dense_lo = tl.maximum(tl.cdiv(dense_lo, BLOCK_M) * BLOCK_M, lo)
-        full_end = (NQ // BLOCK_M) * BLOCK_M
 
         dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
         dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-        for start_m in range(lo, tl.minimum(dense_lo, NQ), BLOCK_M):
-            dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base,
-                                Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr,
-                                stride_th, h, GH, GW, REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True,
-                                BLOCK_M, BLOCK_N, DOT_PRECISION, SKEW_W)
-        for start_m in range(dense_lo, full_end, BLOCK_M):
-            dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base,
-                                Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr,
-                                stride_th, h, GH, GW, REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, False,
-                                BLOCK_M, BLOCK_N, DOT_PRECISION, SKEW_W)
-        for start_m in range(tl.maximum(dense_lo, full_end), NQ, BLOCK_M):
-            dk, dv = _dkdv_tile(k, v, dk, dv, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base,
-                                Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, qk_scale, Table, stride_tr,
-                                stride_th, h, GH, GW, REL_START, DTab_row, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True,
-                                BLOCK_M, BLOCK_N, DOT_PRECISION, SKEW_W)
+        win_right = tl.zeros([SKEW_W], tl.float32)
+        win_left = tl.zeros([SKEW_W], tl.float32)
+        for start_m in range(lo, NQ, BLOCK_M):
+            dk, dv, win_right, win_left = _dkdv_tile(
+                k, v, dk, dv, win_right, win_left, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base,
+                Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, start_m < dense_lo, qk_scale, Table, stride_tr,
+                stride_th, h, GH, GW, REL_START, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION,
+                SKEW_W)
+            if HAS_BIAS:  # diagonals e < BLOCK_M get nothing from later tiles: store them, slide the window
+                _store_diagonals(win_right, win_left, start_m, start_n, DTab_row, GH, GW, BLOCK_M, BLOCK_N, SKEW_W)
+                win_right = _shift_window(win_right, BLOCK_M, SKEW_W)
+                win_left = _shift_window(win_left, BLOCK_M, SKEW_W)
+        if HAS_BIAS:  # the window's rest, then fold the staged sample into the registers (fixed order)
+            m_end = lo + tl.cdiv(tl.maximum(NQ - lo, 0), BLOCK_M) * BLOCK_M
+            _store_diagonals(win_right, win_left, m_end, start_n, DTab_row, GH, GW, SKEW_W, BLOCK_N, SKEW_W)
+            tl.debug_barrier()  # every thread's stores are visible
+            dtab += tl.load(DTab_row + offs_t, mask=offs_t < TABLE_SIZE, other=0.0)
+            tl.store(DTab_row + offs_t, tl.zeros([T_PAD], tl.float32), mask=offs_t < TABLE_SIZE)
+            tl.debug_barrier()  # the next sample's stores come after every thread's fold
 
         mask = (offs_n < NK)[:, None] & (offs_d < HEAD_DIM)[None, :]
         dk_ptrs = DK + b64 * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
         dv_ptrs = DV + b64 * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
         tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        tl.store(DTab_row + offs_t, dtab, mask=offs_t < TABLE_SIZE)
 
 
 @triton.jit
@@ -458,7 +517,7 @@ def _dq_tile(q, do, lse, delta, dq, start_m, start_n, k_base, v_base, stride_kn,
     k = _load2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
     v = _load2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
     s = _scores(q, k, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
-                HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION)
+                HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION, False)
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
         p = tl.where(_visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL), p, 0.0)
@@ -478,7 +537,15 @@ def _dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, PrefixLens, KvLens, Table,
     """One program per (query block, chunk of CHUNK samples, head), writing DQ[chunk]. Own queries: CHUNK = 1.
     Shared queries: the chunk's samples are summed in a fixed order in registers; with several chunks DQ is an
     fp32 (chunks, Nq, H, D) buffer the launcher sums in a fixed order (split over the batch: more programs
-    when Nq·H is small, as for attention pooling, and still deterministic)."""
+    when Nq·H is small, as for attention pooling, and still deterministic).
+
+    This separate pass recomputes S and dP: the backward runs 7 tile matmuls (4 in dK/dV, 3 here) where
+    FlashAttention-2 runs 5, accumulating dQ inside the dK/dV pass with float atomics (not deterministic). The
+    deterministic form of that (each key block writes an fp32 dQ partial, reduced in a fixed order) trades the 2
+    saved matmuls, 4·Nq·Nk·D FLOPs, for 2·(Nk/BLOCK_N)·Nq·D·4 bytes of partials written and read back:
+    BLOCK_N/2 = 32 FLOPs per byte at 64 keys per block, far below an H100's ~295 FLOP/B ridge (989 TFLOP/s over
+    3.35 TB/s), so it would be slower; its buffer (B·H·Nk/BLOCK_N·Nq·D fp32, 4.3 GB at B 64, H 16, N 1024, D 64)
+    is unbounded as well. Hence 7 matmuls."""
     pid_m, pid_bh = _block_and_head(NQ, BLOCK_M)
     chunk = pid_bh // H
     h = pid_bh % H
@@ -510,12 +577,14 @@ def _dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, PrefixLens, KvLens, Table,
 
 # ---- autotuned entry points (built lazily: the interpreter decision is read at import) -----------------
 
-def _pruner(min_rows: int, large_d_shapes, bias_limit: bool = False):
+def _pruner(min_rows: int, large_d_shapes, bias_limit: bool = False, large_d_min_rows: int | None = None):
     """Keep the configs made for the head dim (<= 128 or larger), then the row-block sizes that fit the number
     of queries: <= Q_BUCKET rows for few queries, >= min_rows otherwise. With a rel-pos table (dK/dV kernel)
     the dtable skew's gather grows with BLOCK_M + BLOCK_N (compile time and registers): keep the tiles whose
-    diagonals fit in 128 lanes."""
+    diagonals fit in 128 lanes. ``large_d_min_rows`` (default min_rows) for head dims > 128: the dQ kernel's
+    64-row (rows, 256) fp32 accumulator spills, so it keeps 32-row blocks there."""
     large = set(large_d_shapes)
+    large_d_min_rows = min_rows if large_d_min_rows is None else large_d_min_rows
 
     def prune(configs, named_args, **kwargs):
         get = lambda name, default: kwargs.get(name, named_args.get(name, default))
@@ -526,44 +595,54 @@ def _pruner(min_rows: int, large_d_shapes, bias_limit: bool = False):
         if q_bucket <= 32:
             kept = [c for c in configs if c.kwargs["BLOCK_M"] <= q_bucket]
         else:
-            kept = [c for c in configs if c.kwargs["BLOCK_M"] >= min_rows]
+            kept = [c for c in configs if c.kwargs["BLOCK_M"] >= (large_d_min_rows if want_large else min_rows)]
         if bias_limit and get("HAS_BIAS", False):
             kept = [c for c in kept if c.kwargs["SKEW_W"] <= 128]
         return kept or configs
     return prune
 
 
+_PRUNERS = {"fwd": _pruner(64, _FWD_SHAPES_LARGE_D), "dkdv": _pruner(32, _DKDV_SHAPES_LARGE_D, bias_limit=True),
+            "dq": _pruner(64, _DQ_SHAPES_LARGE_D, large_d_min_rows=32)}
+
+
 @functools.cache
 def _tuned():
     fwd = triton.autotune(_configs(_FWD_SHAPES, _FWD_SHAPES_LARGE_D), key=_KEY,
-                          prune_configs_by={"early_config_prune": _pruner(64, _FWD_SHAPES_LARGE_D)})(_fwd_kernel)
+                          prune_configs_by={"early_config_prune": _PRUNERS["fwd"]})(_fwd_kernel)
     dkdv = triton.autotune(_configs(_DKDV_SHAPES, _DKDV_SHAPES_LARGE_D, skew=True), key=_KEY,
-                           prune_configs_by={"early_config_prune": _pruner(32, _DKDV_SHAPES_LARGE_D,
-                                                                           bias_limit=True)})(_dkdv_kernel)
+                           prune_configs_by={"early_config_prune": _PRUNERS["dkdv"]})(_dkdv_kernel)
     dq = triton.autotune(_configs(_DQ_SHAPES, _DQ_SHAPES_LARGE_D), key=_KEY,
-                         prune_configs_by={"early_config_prune": _pruner(64, _DQ_SHAPES_LARGE_D)})(_dq_kernel)
+                         prune_configs_by={"early_config_prune": _PRUNERS["dq"]})(_dq_kernel)
     return fwd, dkdv, dq
 
 
 _JIT = {"fwd": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}
 
 
-def _fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tuple[int, int], q_bucket: int):
+def _fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tuple[int, int], q_bucket: int,
+                 has_bias: bool = False):
     """(BLOCK_M, BLOCK_N, warps, stages) used without autotuning (the interpreter: its small tiles)."""
     if _INTERPRET:
         return (*_INTERPRET_BLOCKS, 4, 1)
-    return _gpu_fixed_shape(kernel, dtype, d_pad, capability, q_bucket)
+    return _gpu_fixed_shape(kernel, dtype, d_pad, capability, q_bucket, has_bias)
 
 
-def _gpu_fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tuple[int, int], q_bucket: int):
+def _gpu_fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tuple[int, int], q_bucket: int,
+                     has_bias: bool = False):
     """One config per (kernel, dtype, head dim, capability), sized to fit fp32 at the head dim in an A100's
     shared memory (164 KB)."""
     if d_pad <= 128:
-        shape = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}[kernel]
+        shape = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)}[kernel]
+        if kernel == "dkdv" and d_pad <= 64 and capability < (9, 0):
+            shape = (16, 64, 4, 2)  # mma.sync keeps more per thread than wgmma: 8 warps at 32 rows spill there
+        if kernel == "dkdv" and has_bias:  # the dtable window sums and skew gather need room: 32 keys per block
+            shape = (32, 32, 8, 2)
     else:
-        shape = {"fwd": (32, 32, 4, 2), "dkdv": (16, 32, 8, 1), "dq": (32, 32, 4, 2)}[kernel]
+        # dK/dV: two stages fit without spilling, one with a table (its window sums and skew need the registers)
+        shape = {"fwd": (32, 32, 4, 2), "dkdv": (16, 32, 8, 1 if has_bias else 2), "dq": (32, 32, 8, 2)}[kernel]
     if kernel != "dkdv" and q_bucket <= 16:  # attention pooling: 16-row blocks instead of mostly empty ones
-        shape = (16, *shape[1:])
+        shape = (16, shape[1], 4, shape[3])
     if dtype == torch.float32 and d_pad > 128:
         shape = (*shape[:3], 1)  # fp32 K/V tiles of 256 columns: one stage fits the shared memory
     if capability < (8, 0):  # no cp.async before Ampere: software pipelining only costs shared memory
@@ -586,7 +665,8 @@ def _kernel(name: str, meta: dict, dtype: torch.dtype, device: torch.device):
     fixed config (then the config is passed at launch)."""
     if _autotuning():
         return _tuned()[("fwd", "dkdv", "dq").index(name)], {}
-    bm, bn, warps, stages = _fixed_shape(name, dtype, meta["D_PAD"], _capability(device), meta["Q_BUCKET"])
+    bm, bn, warps, stages = _fixed_shape(name, dtype, meta["D_PAD"], _capability(device), meta["Q_BUCKET"],
+                                         meta["HAS_BIAS"])
     return _JIT[name], _config(bm, bn, warps, stages, skew=name == "dkdv").all_kwargs()
 
 
@@ -635,6 +715,12 @@ def _batch_chunks(batch: int, nq: int, heads: int, device: torch.device) -> tupl
         wanted = max(1, 2 * _sm_count(device.index or 0) // (triton.cdiv(nq, 64) * heads))
     chunk = triton.cdiv(batch, min(batch, wanted))
     return chunk, triton.cdiv(batch, chunk)
+
+
+def _table_pad(table_size: int) -> int:
+    """The dK/dV kernel's register accumulator for dtable: a power of two >= the table and >= the threads of a
+    program (8 warps), so that each entry has one owner thread (see _dkdv_kernel); 16 without a table."""
+    return max(triton.next_power_of_2(table_size), 256) if table_size else 16
 
 
 def _dtable_chunks(batch: int, key_blocks: int) -> tuple[int, int]:
@@ -730,7 +816,8 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
         dkdv_kernel[dkdv_grid](q, k, v, dout, lse, delta, dk, dv, plens, klens, tab, dtab,
                                *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
                                *dk.stride()[:3], *dv.stride()[:3], *tstr, heads, nq, nk, batch, dkdv_chunk,
-                               scale * LOG2E, scale, gh, gw, s, table_size, **meta, **dkdv_config)
+                               scale * LOG2E, scale, gh, gw, s, table_size, T_PAD=_table_pad(table_size), **meta,
+                               **dkdv_config)
     chunk, n_chunks = (_batch_chunks(batch, nq, heads, q.device) if q.shape[0] != batch else (1, batch))
     dq_out = dq if n_chunks == q.shape[0] else torch.empty((n_chunks, *q.shape[1:]), dtype=torch.float32,
                                                              device=q.device)
@@ -804,9 +891,9 @@ def static_variants() -> list[KernelVariant]:
     configs the pruner keeps for many queries (Q_BUCKET 128) and, marked ``default``, the fixed config of the
     deterministic mode per target capability; the Δ kernel has one config. Head dims 64, 128 and 256."""
     variants = []
-    lists = {"fwd": (_FWD_SHAPES, _FWD_SHAPES_LARGE_D, _pruner(64, _FWD_SHAPES_LARGE_D)),
-             "dkdv": (_DKDV_SHAPES, _DKDV_SHAPES_LARGE_D, _pruner(32, _DKDV_SHAPES_LARGE_D, bias_limit=True)),
-             "dq": (_DQ_SHAPES, _DQ_SHAPES_LARGE_D, _pruner(64, _DQ_SHAPES_LARGE_D))}
+    lists = {"fwd": (_FWD_SHAPES, _FWD_SHAPES_LARGE_D, _PRUNERS["fwd"]),
+             "dkdv": (_DKDV_SHAPES, _DKDV_SHAPES_LARGE_D, _PRUNERS["dkdv"]),
+             "dq": (_DQ_SHAPES, _DQ_SHAPES_LARGE_D, _PRUNERS["dq"])}
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for dim in _REPORT_DIMS:
             for flags in _REPORT_FLAGS:
@@ -816,12 +903,15 @@ def static_variants() -> list[KernelVariant]:
                     configs = [_config(*shape, skew=name == "dkdv")
                                for shape in dict.fromkeys(list(shapes) + list(large))]
                     tuned = prune(configs, {}, Q_BUCKET=128, **meta)
-                    fixed = {cap: _config(*_gpu_fixed_shape(name, dtype, meta["D_PAD"], (cap // 10, cap % 10), 128),
+                    fixed = {cap: _config(*_gpu_fixed_shape(name, dtype, meta["D_PAD"], (cap // 10, cap % 10), 128,
+                                                            meta["HAS_BIAS"]),
                                           skew=name == "dkdv") for cap in (90, 80)}
                     entries = [(c, False, (90, 80)) for c in tuned]
                     entries += [(c, True, (cap,)) for cap, c in fixed.items()]
                     for config, default, targets in entries:
                         constexprs = dict(meta, **config.kwargs)
+                        if name == "dkdv":  # a 16×16 grid's table (961 entries) with a table
+                            constexprs["T_PAD"] = _table_pad(961 if meta["HAS_BIAS"] else 0)
                         variants.append(KernelVariant(
                             kernel=f"attention.{name}", fn=fn, signature=kernel_signature(fn, dtype, constexprs),
                             constexprs=constexprs, num_warps=config.num_warps, num_stages=config.num_stages,

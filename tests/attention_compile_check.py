@@ -25,10 +25,9 @@ def compile_spec(cap: int, dtype: torch.dtype, head_dim: int, flags: set[str], a
     done = []
     prune_args["D_PAD"] = meta["D_PAD"]
     for fn, shapes, large, skew, prune in (
-            (ka._fwd_kernel, ka._FWD_SHAPES, ka._FWD_SHAPES_LARGE_D, False, ka._pruner(64, ka._FWD_SHAPES_LARGE_D)),
-            (ka._dq_kernel, ka._DQ_SHAPES, ka._DQ_SHAPES_LARGE_D, False, ka._pruner(64, ka._DQ_SHAPES_LARGE_D)),
-            (ka._dkdv_kernel, ka._DKDV_SHAPES, ka._DKDV_SHAPES_LARGE_D, True,
-             ka._pruner(32, ka._DKDV_SHAPES_LARGE_D, bias_limit=True))):
+            (ka._fwd_kernel, ka._FWD_SHAPES, ka._FWD_SHAPES_LARGE_D, False, ka._PRUNERS["fwd"]),
+            (ka._dq_kernel, ka._DQ_SHAPES, ka._DQ_SHAPES_LARGE_D, False, ka._PRUNERS["dq"]),
+            (ka._dkdv_kernel, ka._DKDV_SHAPES, ka._DKDV_SHAPES_LARGE_D, True, ka._PRUNERS["dkdv"])):
         configs = _configs(list(dict.fromkeys(shapes + large)), skew)
         configs = prune(configs, {}, **prune_args)
         if not all_configs:
@@ -46,8 +45,9 @@ def _configs(shapes, skew):
     out = []
     for bm, bn, warps, stages in shapes:
         kw = {"BLOCK_M": bm, "BLOCK_N": bn}
-        if skew:
+        if skew:  # the dK/dV kernel: dtable skew width and register accumulator (a 16×16 grid's table)
             kw["SKEW_W"] = triton.next_power_of_2(bm + bn - 1)
+            kw["T_PAD"] = ka._table_pad(961)
         out.append(triton.Config(kw, num_warps=warps, num_stages=stages))
     return out
 

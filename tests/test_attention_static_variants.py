@@ -55,7 +55,8 @@ attr = parse("D") if parse is not None else [["tt.divisibility", 16]]
 attrs = {(variant.fn.arg_names.index(n),): attr for n in variant.divisible}
 compiled = triton.compile(ASTSource(variant.fn, variant.signature, variant.constexprs, attrs), target=target,
                           options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
-print("compiled", variant.kernel, len(compiled.asm["cubin"]), "bytes")
+ptx = compiled.asm["ptx"]
+print("compiled", variant.kernel, len(compiled.asm["cubin"]), "bytes", "cp.async", ptx.count("cp.async.cg") + ptx.count("cp.async.ca"))
 """
 
 
@@ -64,6 +65,10 @@ print("compiled", variant.kernel, len(compiled.asm["cubin"]), "bytes")
 def test_some_variants_compile_for_sm90(pick):
     """A few default variants compile with triton.compile for sm_90 without a GPU, with their divisibility hints
     (in a process without TRITON_INTERPRET: the interpreter replaces the jit functions)."""
+    _compile_for_sm90(pick)
+
+
+def _compile_for_sm90(pick: str) -> str:
     import os
     import subprocess
     import sys
@@ -74,3 +79,21 @@ def test_some_variants_compile_for_sm90(pick):
     proc = subprocess.run([sys.executable, "-c", _COMPILE, *pick.split()], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_dkdv_query_loop_is_pipelined_with_a_table():
+    """With a rel-pos table the dK/dV query loop keeps its cp.async prefetch of Q and dO: the dtable sums stay in
+    registers (a sliding window of diagonals) instead of a barrier-ordered read-modify-write in the loop, which
+    left the loop with no cp.async at all."""
+    copies = int(_compile_for_sm90("dkdv bf16 64 prefix,kvlen,bias").split("cp.async")[-1])
+    assert copies > 0
+
+
+def test_dq_keeps_32_row_blocks_for_large_head_dims():
+    # at D = 256 a 64-row dQ block spills on sm_90 (its (64, 256) fp32 accumulator); the deterministic config
+    # (32 rows, 8 warps: no spills) must also be one the autotuner may pick for many queries
+    dq256 = {_shape(v) for v in ka.static_variants() if v.kernel == "attention.dq" and v.dim == 256 and not v.default}
+    fixed = ka._gpu_fixed_shape("dq", torch.bfloat16, 256, (9, 0), 128)
+    assert fixed[0] == 32 and fixed in dq256, (fixed, dq256)
