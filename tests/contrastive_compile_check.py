@@ -9,11 +9,14 @@ TRITON_INTERPRET.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
-from variant_compile_check import compile_variant
 from vlcore.kernels import contrastive as kc
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from kernel_resources import compile_variant  # noqa: E402
 
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 

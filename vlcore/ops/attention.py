@@ -165,13 +165,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         "prefix": prefix_lens is not None, "padding": kv_lens is not None, "rel_pos": rel_pos_table is not None,
     })
     chosen = dispatch.choose(OP, problem, backend)
-    if chosen.name == dispatch.CPU:  # differentiated by autograd through SDPA, not through the registered op
-        return cpu_attention.attention(q, k, v, causal=causal, prefix_lens=prefix_lens, kv_lens=kv_lens,
-                                       rel_pos_table=rel_pos_table, rel_pos_grid=grid, rel_pos_start=rel_pos_start,
-                                       scale=scale)
-    if chosen.name == dispatch.REFERENCE:
-        return ref.attention(q, k, v, causal=causal, prefix_lens=prefix_lens, kv_lens=kv_lens,
-                             rel_pos_table=rel_pos_table, rel_pos_grid=grid, rel_pos_start=rel_pos_start, scale=scale)
+    if chosen.name in (dispatch.REFERENCE, dispatch.CPU):  # differentiated by autograd, not by the registered op
+        plain = ref if chosen.name == dispatch.REFERENCE else cpu_attention
+        return plain.attention(q, k, v, causal=causal, prefix_lens=prefix_lens, kv_lens=kv_lens,
+                               rel_pos_table=rel_pos_table, rel_pos_grid=grid, rel_pos_start=rel_pos_start, scale=scale)
     out, _ = _attention_op(q, k, v, causal, prefix_lens, kv_lens, rel_pos_table, None if grid is None else list(grid),
                            int(rel_pos_start), scale, chosen.name)
     return out
