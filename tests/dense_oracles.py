@@ -80,8 +80,9 @@ def _log_sigmoid(t: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_logits(image, text, scale, bias=None) -> torch.Tensor:
-    logits = (image.to(F64) @ text.to(F64).t()) * scale.to(F64)
-    return logits if bias is None else logits + bias.to(F64)
+    """float64 (b, B) logits; ``scale`` / ``bias`` may be floats or (differentiable) tensors."""
+    logits = (image.to(F64) @ text.to(F64).t()) * torch.as_tensor(scale, dtype=F64)
+    return logits if bias is None else logits + torch.as_tensor(bias, dtype=F64)
 
 
 def infonce_rows(x, y, scale, offset: int) -> torch.Tensor:
@@ -105,7 +106,7 @@ def siglip_rows(x, y, scale, bias, offset: int) -> torch.Tensor:
     return torch.stack(out) if out else logits.new_zeros(0)
 
 
-def contrastive_loss(image, text, scale, *, kind: str, bias=None) -> torch.Tensor:
+def contrastive_loss(image, text, scale, kind: str, bias=None) -> torch.Tensor:
     """CLIP's symmetric InfoNCE (mean of both cross-entropies) or SigLIP's sigmoid loss summed over pairs / B."""
     big_b = image.shape[0]
     if kind == "infonce":

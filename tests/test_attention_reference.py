@@ -1,10 +1,11 @@
-"""Reference attention against an independent float64 computation: explicit per-pair masks built by loops,
-the Swin/timm relative-position index built the way timm builds it, a plain softmax per row."""
+"""Reference attention against an independent float64 computation (tests/dense_oracles.py: explicit per-pair
+masks built by loops, per-token grid coordinates, a softmax over the visible keys); the Swin/timm table layout
+against timm's own relative-position index."""
 
-import itertools
 
 import pytest
 import torch
+from dense_oracles import attention as naive_attention  # the independent float64 oracle
 
 import vlcore
 from vlcore.reference import attention as ref
@@ -20,41 +21,6 @@ def timm_relative_position_index(gh, gw):
     relative_coords[:, :, 1] += gw - 1
     relative_coords[:, :, 0] *= 2 * gw - 1
     return relative_coords.sum(-1)
-
-
-def naive_attention(q, k, v, *, causal=False, prefix_lens=None, kv_lens=None, table=None, grid=None, start=0,
-                    scale=None):
-    """Row by row in float64 with explicit visibility rules (docs/design.md §1)."""
-    batch, nk, heads, dim = k.shape
-    nq = q.shape[1]
-    scale = dim ** -0.5 if scale is None else scale
-    q = q.double().expand(batch, -1, -1, -1)
-    k, v = k.double(), v.double()
-    out = torch.zeros(batch, nq, heads, v.shape[-1], dtype=torch.float64)
-    index = timm_relative_position_index(*grid) if table is not None else None
-    g = grid[0] * grid[1] if grid else 0
-    for b, i in itertools.product(range(batch), range(nq)):
-        visible = []
-        for j in range(nk):
-            ok = True
-            if causal or prefix_lens is not None:
-                ok = j <= i + (nk - nq) or (prefix_lens is not None and j < int(prefix_lens[b]))
-            if kv_lens is not None:
-                ok = ok and j < int(kv_lens[b])
-            visible.append(ok)
-        js = [j for j in range(nk) if visible[j]]
-        if not js:
-            continue  # a row with no visible key outputs 0
-        for h in range(heads):
-            s = torch.stack([scale * (q[b, i, h] @ k[b, j, h]) for j in js])
-            if table is not None:
-                s = s + torch.stack([
-                    table[index[i - start, j - start], h].double()
-                    if start <= i < start + g and start <= j < start + g else torch.zeros((), dtype=torch.float64)
-                    for j in js])
-            p = torch.softmax(s, 0)
-            out[b, i, h] = sum(p[t] * v[b, j, h] for t, j in enumerate(js))
-    return out
 
 
 def _inputs(batch, nq, nk, heads, dim, dtype=torch.float64, shared=False):

@@ -5,6 +5,7 @@ errors, opcheck and torch.compile of the registered ops."""
 import pytest
 import torch
 import torch.nn.functional as F
+from dense_oracles import vq_statistics as literal_statistics  # one row at a time, float64
 
 import vlcore
 from vlcore.nn import VisualDictionary, mvm_mask
@@ -96,17 +97,6 @@ def test_nearest_leading_dims_and_empty():
     assert torch.equal(idx.flatten(), flat_idx)
     e_idx, e_dist = vlcore.vq_nearest(torch.randn(0, 8), cb)
     assert e_idx.shape == (0,) and e_dist.shape == (0,)
-
-
-def literal_statistics(x, indices, k):
-    counts = [0.0] * k
-    sums = [[0.0] * x.shape[1] for _ in range(k)]
-    for i in range(x.shape[0]):
-        j = int(indices[i])
-        counts[j] += 1
-        for c in range(x.shape[1]):
-            sums[j][c] += float(x[i, c])
-    return torch.tensor(counts, dtype=torch.float64), torch.tensor(sums, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("n,k,d", [(1, 3, 5), (97, 3, 5), (97, 257, 33)])

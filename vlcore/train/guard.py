@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
@@ -41,7 +42,7 @@ class NonFiniteSteps:
 
     def check(self, step: int, loss: float, grad_norm: float) -> bool:
         """True when step ``step`` (1-based) may be applied; records it as skipped otherwise."""
-        if torch.isfinite(torch.tensor([loss, grad_norm], dtype=torch.float64)).all():
+        if math.isfinite(loss) and math.isfinite(grad_norm):
             self.consecutive = 0
             return True
         self.skipped += 1
