@@ -54,7 +54,8 @@ def rel_pos_bias(table: torch.Tensor, grid, start: int, nq: int, nk: int) -> tor
 
 def attention(q, k, v, *, causal=False, prefix_lens=None, kv_lens=None, table=None, grid=None, start=0,
               scale=None) -> torch.Tensor:
-    """(B, Nq, H, D) float64; q of batch 1 is shared by every sample; a row with no visible key outputs 0."""
+    """(B, Nq, H, D) float64 with the visibility rules of docs/design.md §1; q of batch 1 is shared by every
+    sample; a row with no visible key outputs 0."""
     q, k, v = q.to(F64), k.to(F64), v.to(F64)
     batch, nk, heads, dim = k.shape
     nq = q.shape[1]
