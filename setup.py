@@ -219,6 +219,6 @@ setup(
         # timm / transformers / open_clip for vlcore.integrations and their tests
         "interop": _requirements("requirements-interop.txt"),
     },
-    entry_points={"console_scripts": ["vlcore=vlcore.cli:main"]},
+    entry_points={"console_scripts": ["vlcore=vlcore.cli:run"]},
     zip_safe=False,
 )

@@ -128,3 +128,25 @@ def test_the_real_command_line_exits_2_with_one_line_and_debug_shows_the_traceba
         assert "Traceback" not in out.stderr and out.stdout == ""
     out = _vlcore("pretrain", "--model", "nope", "--debug")
     assert out.returncode == 1 and "Traceback" in out.stderr and "UsageError: --model" in out.stderr
+
+
+@pytest.mark.parametrize("torchrun", [True, False])
+def test_program_exit_status_and_torchrun_worker_shutdown(monkeypatch, torchrun):
+    """`vlcore` exits with main()'s status; a torchrun worker leaves through os._exit (no interpreter shutdown, in
+    which a communication thread touching Python objects can abort a run that succeeded)."""
+    hard_exits = []
+
+    def fake_exit(code):
+        hard_exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    if torchrun:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with pytest.raises(SystemExit) as e:
+        cli.run()
+    assert e.value.code == 3
+    assert hard_exits == ([3] if torchrun else [])

@@ -477,5 +477,21 @@ def main(argv=None) -> int:
         warnings.formatwarning = formatwarning
 
 
+def run() -> None:
+    """The ``vlcore`` program: :func:`main`, then exit with its status.
+
+    A worker started by torchrun (``TORCHELASTIC_RUN_ID`` set) leaves with ``os._exit`` once its output is flushed:
+    by then the run folder is written and the process group destroyed, and skipping interpreter shutdown removes
+    the window in which a communication library's thread touching Python objects aborts the process
+    (SIGABRT after a run that succeeded, which torchrun reports as a failed job).
+    """
+    code = main()
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -8,6 +8,7 @@ from ``torch.distributed`` themselves, so nothing is passed to them.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -87,7 +88,13 @@ def teardown() -> None:
     """Destroy the process group if :func:`setup` created it."""
     global _CREATED
     if _CREATED and dist.is_initialized():
+        # DDP/FSDP modules hold the group inside reference cycles: collect them first, so that destroying the group
+        # frees it (and joins gloo's worker threads) now. Left to interpreter shutdown, a worker thread that drops
+        # its last tensor then needs the GIL and aborts the process ("terminate called without an active
+        # exception", SIGABRT after a successful run).
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
     _CREATED = False
 
 
