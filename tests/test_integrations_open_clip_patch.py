@@ -6,6 +6,9 @@ import copy
 
 import pytest
 import torch
+from dist_utils import run_distributed
+
+import vlcore.integrations  # noqa: F401  (before open_clip, also in the spawned workers: torchvision shim)
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip not installed (pip install -e '.[interop]')")
 from open_clip import loss as oc_loss  # noqa: E402
@@ -147,3 +150,36 @@ def test_losses_refuse_what_they_cannot_do():
         voc.ClipLoss(rank=0, world_size=2)
     with pytest.raises(ValueError, match="logit_bias"):
         voc.ClipLoss()(*_features(), 10.0, logit_bias=-1.0)
+
+
+def _two_rank_worker(rank, world):
+    """Each rank: its half of a global batch through open_clip's loss and vlcore's, with the gradients."""
+    x, y = (t[rank * 3:(rank + 1) * 3].detach() for t in _features())
+    out = {}
+    for name, ours, theirs, bias in (
+            ("clip", voc.ClipLoss(rank=rank, world_size=world),
+             oc_loss.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world), None),
+            ("siglip", voc.SigLipLoss(rank=rank, world_size=world),
+             oc_loss.SigLipLoss(rank=rank, world_size=world), -2.5)):
+        for who, fn in (("ours", ours), ("theirs", theirs)):
+            xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+            s = torch.tensor(10.0, requires_grad=True)
+            extra = () if bias is None else (torch.tensor(bias, requires_grad=True),)
+            loss = fn(xs, ys, s, *extra)
+            loss.backward()
+            out[name, who] = (loss.detach(), xs.grad, ys.grad, s.grad, *(b.grad for b in extra))
+    return out
+
+
+def test_losses_on_two_gloo_ranks_give_open_clip_gradients():
+    """Per rank, the feature, scale and bias gradients equal open_clip's (InfoNCE with local_loss and
+    gather_with_grad, SigLIP's neighbour exchange); the value is the global loss: the mean of open_clip's
+    per-rank values."""
+    results = run_distributed(_two_rank_worker, 2)
+    for name in ("clip", "siglip"):
+        for r in results:
+            for a, b in zip(r[name, "ours"][1:], r[name, "theirs"][1:], strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        theirs_mean = sum(r[name, "theirs"][0] for r in results) / len(results)
+        for r in results:
+            torch.testing.assert_close(r[name, "ours"][0], theirs_mean, rtol=1e-5, atol=1e-6)
