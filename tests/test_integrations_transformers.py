@@ -187,3 +187,82 @@ def test_an_unmappable_clip_key_is_named_and_the_paper_layout_refused():
         vtf.dual_encoder_state_dict(state, ours)
     with pytest.raises(ValueError, match="layout='clip' or 'siglip'"):
         vtf.dual_encoder_state_dict(theirs, models.create("align-tiny", image_tower="vit"))
+
+
+# ---------------------------------------------------------------------------------------------- apply(model)
+
+def _patched_equals_unpatched(model, run, monkeypatch, *, valid=None):
+    """Outputs (at ``valid`` positions) and every parameter gradient of ``model`` before and after ``apply``."""
+    import copy
+
+    import vlcore
+
+    patched = copy.deepcopy(model)
+    report = vtf.apply(patched)
+    calls = []
+    real = vlcore.attention
+    monkeypatch.setattr(vlcore, "attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    y0, y1 = run(model), run(patched)
+    if valid is not None:
+        y0, y1 = y0[valid], y1[valid]
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(y0)
+    (y0 * w).sum().backward()
+    (y1 * w).sum().backward()
+    for (name, p0), p1 in zip(model.named_parameters(), patched.parameters(), strict=True):
+        if p0.grad is not None or p1.grad is not None:
+            torch.testing.assert_close(p1.grad, p0.grad, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    return report, calls, patched
+
+
+def test_apply_bert_passes_padding_as_lengths(monkeypatch):
+    bert = _tiny_bert()
+    ids = torch.randint(0, 50, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[2, 2:] = 0
+    report, calls, _ = _patched_equals_unpatched(
+        bert, lambda m: m(input_ids=ids, attention_mask=mask).last_hidden_state, monkeypatch, valid=mask.bool())
+    assert report.replaced == {"BertSelfAttention": ["encoder.layer.0.attention.self",
+                                                     "encoder.layer.1.attention.self"]}
+    assert len(calls) == 2 and all(kw["kv_lens"].tolist() == [9, 6, 2] and not kw["causal"] for kw in calls)
+
+
+def test_apply_bert_left_padding_falls_back_to_transformers(monkeypatch):
+    bert = _tiny_bert()
+    ids, mask = torch.randint(0, 50, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding: not expressible as lengths
+    _, calls, _ = _patched_equals_unpatched(
+        bert, lambda m: m(input_ids=ids, attention_mask=mask).last_hidden_state, monkeypatch, valid=mask.bool())
+    assert calls == []
+
+
+@pytest.mark.parametrize("make", [_tiny_clip, _tiny_siglip])
+def test_apply_clip_and_siglip_attention(make, monkeypatch):
+    model = make()
+    text, mask = _texts()
+    image = torch.randn(2, 3, 32, 32)
+
+    def run(m):
+        out = m(input_ids=text, pixel_values=image, attention_mask=mask.long())
+        return torch.cat([out.text_embeds.flatten(), out.image_embeds.flatten()])
+
+    report, calls, _ = _patched_equals_unpatched(model, run, monkeypatch)
+    assert report.count == 4
+    clip = isinstance(model, transformers.CLIPModel)
+    # text: causal for CLIP, padding as lengths in both; vision: bidirectional, no padding
+    text_calls = [kw for kw in calls if kw["kv_lens"] is not None]
+    assert len(calls) == 4 and len(text_calls) == 2
+    assert all(kw["causal"] == clip and kw["kv_lens"].tolist() == [5, 9, 3] for kw in text_calls)
+    if not clip:
+        assert list(report.skipped) == ["vision_model.head.attention"]
+
+
+def test_patched_bert_compiles_in_one_graph():
+    bert = _tiny_bert()
+    vtf.apply(bert)
+    ids, mask = torch.randint(0, 50, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    compiled = torch.compile(lambda i, m: bert(input_ids=i, attention_mask=m).last_hidden_state, fullgraph=True,
+                             backend="eager")
+    torch.testing.assert_close(compiled(ids, mask), bert(input_ids=ids, attention_mask=mask).last_hidden_state)

@@ -4,6 +4,7 @@ dual encoder (``models/align.py``, ``layout="clip"`` / ``"siglip"``) and back.
 
     align = dual_encoder_from_clip(clip_model)            # or dual_encoder_from_siglip(siglip_model)
     clip_model.load_state_dict(to_clip_state_dict(align, clip_model))   # fine-tuned weights back
+    report = apply(bert_or_clip_model)   # or keep the transformers model: vlcore attention, padding as lengths
 
     text_encoder = text_encoder_from_bert(transformers.BertModel.from_pretrained("bert-base-uncased"))
     hidden = text_encoder(input_ids, attention_mask.bool())      # == BertModel(...).last_hidden_state
@@ -31,6 +32,17 @@ try:
     import transformers  # noqa: F401
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("vlcore.integrations.transformers needs transformers: pip install -e \".[interop]\"") from e
+
+
+
+def apply(model: nn.Module):
+    """Run ``model``'s attention (BERT self-attention with padding as ``kv_lens``, CLIP / SigLIP attention,
+    causal in CLIP's text tower) on :func:`vlcore.attention` via transformers' attention interface
+    (``set_attn_implementation("vlcore")``); returns a :class:`~vlcore.integrations._report.PatchReport`."""
+    from vlcore.integrations._transformers_attention import apply as _apply
+
+    return _apply(model)
+
 
 _BERT_LAYER = {
     "attention.output.dense": "attn.proj",
