@@ -8,6 +8,19 @@
 * Loss: symmetric InfoNCE over the global batch through ``vlcore.contrastive_loss`` with a learnable temperature
   (``vlcore.nn.ContrastiveLoss``). Not reproduced: ALIGN's label smoothing (0.1) — the op has no smoothing term.
 
+Layouts (``ALIGNConfig.layout``, to run public dual-encoder checkpoints unchanged through
+``vlcore.integrations.transformers`` / ``.open_clip``; the default stays the paper's):
+
+* ``"clip"`` (Radford et al., 2021): ViT with a class token, bias-free patch projection, a LayerNorm before the
+  blocks and one on the class token after them, bias-free projections; a causal text encoder (no segment
+  embeddings, no embedding LayerNorm) pooled at EOS (the last valid token); InfoNCE.
+* ``"siglip"`` (Zhai et al., 2023): ViT without class token, final LayerNorm, MAP head (``vlcore.nn.MAPHead``)
+  as the image embedding (no projection); a bidirectional text encoder pooled at the last position, projected
+  with a bias; the sigmoid loss (``contrastive="siglip"``).
+
+``act`` (``"gelu"``, ``"gelu_tanh"``, ``"quick_gelu"``; ``vit_act`` for the image tower when it differs) and
+``eps`` (None: 1e-5 for clip, 1e-6 otherwise) set the MLP activation and the LayerNorm epsilon of the towers.
+
 Batch keys: ``image``, ``text``, ``text_mask``. Provides ``encode_image`` / ``encode_text`` (L2-normalised;
 retrieval and zero-shot heads), ``image_tokens`` (feature-map tokens for the captioning head) and
 ``joint_embedding`` = [u, v, u*v] of the two embeddings (for the classification heads, no fusion encoder).
@@ -23,8 +36,9 @@ from torch import nn
 
 from vlcore.nn.contrastive import ContrastiveLoss
 from vlcore.nn.efficientnet import EfficientNet
+from vlcore.nn.pool import MAPHead
 from vlcore.nn.text import TextEncoder
-from vlcore.nn.transformer import init_weights
+from vlcore.nn.transformer import LN_EPS, init_weights
 from vlcore.nn.vit import ViT, check_image
 
 from . import register
@@ -50,6 +64,19 @@ class ALIGNConfig:
     text_heads: int = 12
     mlp_ratio: float = 4.0
     checkpoint: bool = False
+    layout: str = "paper"  # "clip" / "siglip": the public dual encoders' architectures (module docstring)
+    contrastive: str = "infonce"  # or "siglip" (the sigmoid loss; needs no particular layout)
+    act: str = "gelu"
+    vit_act: str | None = None  # None: act (open_clip's SigLIP towers differ: timm's tanh GELU, exact in text)
+    eps: float | None = None
+    vit_mlp_ratio: float | None = None  # None: mlp_ratio (the towers of CLIP checkpoints may differ)
+
+    @property
+    def layer_norm_eps(self) -> float:
+        return self.eps if self.eps is not None else (1e-5 if self.layout == "clip" else LN_EPS)
+
+
+LAYOUTS = ("paper", "clip", "siglip")
 
 
 class ALIGN(nn.Module):
@@ -58,25 +85,47 @@ class ALIGN(nn.Module):
     def __init__(self, config: ALIGNConfig):
         super().__init__()
         c = self.config = config
+        if c.layout not in LAYOUTS:
+            raise ValueError(f"{self.name}: layout must be one of {LAYOUTS}; got {c.layout!r}")
+        if c.layout != "paper" and c.image_tower != "vit":
+            raise ValueError(f"{self.name}: layout={c.layout!r} needs image_tower='vit'; got {c.image_tower!r}")
+        eps, clip, siglip = c.layer_norm_eps, c.layout == "clip", c.layout == "siglip"
+        self.image_norm = self.image_pool = None
         if c.image_tower == "efficientnet":
             self.image_encoder = EfficientNet(c.effnet_width, c.effnet_depth, out_dim=c.embed_dim,
                                               drop_path=c.drop_path)
             self.image_proj = None
         elif c.image_tower == "vit":
-            self.image_encoder = ViT(c.image_size, c.vit_patch, c.vit_dim, c.vit_depth, c.vit_heads, c.mlp_ratio,
-                                     cls_token=True, checkpoint=c.checkpoint)
-            self.image_proj = nn.Linear(c.vit_dim, c.embed_dim)
+            self.image_encoder = ViT(c.image_size, c.vit_patch, c.vit_dim, c.vit_depth, c.vit_heads,
+                                     c.vit_mlp_ratio or c.mlp_ratio, cls_token=not siglip, checkpoint=c.checkpoint,
+                                     pre_norm=clip, final_norm=not clip, eps=eps, act=c.vit_act or c.act,
+                                     patch_bias=not clip)
+            if clip:
+                self.image_norm = nn.LayerNorm(c.vit_dim, eps=eps)
+            if siglip:
+                if c.embed_dim != c.vit_dim:
+                    raise ValueError(f"{self.name}: layout='siglip' has no image projection: embed_dim must equal "
+                                     f"vit_dim ({c.vit_dim}); got {c.embed_dim}")
+                self.image_pool = MAPHead(c.vit_dim, c.vit_heads, c.vit_mlp_ratio or c.mlp_ratio, eps,
+                                          c.vit_act or c.act)
+                self.image_proj = None
+            else:
+                self.image_proj = nn.Linear(c.vit_dim, c.embed_dim, bias=not clip)
         else:
             raise ValueError(f"{self.name}: image_tower must be 'efficientnet' or 'vit'; got {c.image_tower!r}")
+        paper = c.layout == "paper"
         self.text_encoder = TextEncoder(c.vocab_size, c.text_dim, c.text_depth, c.text_heads, c.max_text_len,
-                                        c.mlp_ratio, checkpoint=c.checkpoint)
-        self.text_proj = nn.Linear(c.text_dim, c.embed_dim)
-        self.contrastive = ContrastiveLoss("infonce")
+                                        c.mlp_ratio, checkpoint=c.checkpoint, eps=eps, segments=2 if paper else 0,
+                                        embed_norm=paper, causal=clip, act=c.act)
+        self.text_proj = nn.Linear(c.text_dim, c.embed_dim, bias=not clip)
+        self.contrastive = ContrastiveLoss(c.contrastive)
         init_weights(self.text_encoder)
         init_weights(self.text_proj)
-        if self.image_proj is not None:
+        if c.image_tower == "vit":
             init_weights(self.image_encoder)
-            init_weights(self.image_proj)
+            for m in (self.image_proj, self.image_norm, self.image_pool):
+                if m is not None:
+                    init_weights(m)
 
     @property
     def joint_dim(self) -> int:
@@ -91,12 +140,27 @@ class ALIGN(nn.Module):
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         check_image(self.name, image, 3, self.config.image_size)
         x = self.image_encoder(image)
-        emb = x.mean((2, 3)) if self.image_proj is None else self.image_proj(x[:, 0])
+        if self.image_pool is not None:  # siglip: MAP head over every token
+            emb = self.image_pool(x)
+        elif self.image_proj is None:  # EfficientNet: global average pool
+            emb = x.mean((2, 3))
+        else:
+            cls = x[:, 0] if self.image_norm is None else self.image_norm(x[:, 0])
+            emb = self.image_proj(cls)
         return F.normalize(emb.float(), dim=-1)
 
     def encode_text(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        text_lengths(self.name, text, text_mask)
-        return F.normalize(self.text_proj(self.text_encoder(text, text_mask.bool())[:, 0]).float(), dim=-1)
+        """Text embedding from [CLS] (paper: first token), EOS (clip: the last valid token) or the last
+        position (siglip, whose text is padded to a fixed length)."""
+        lens = text_lengths(self.name, text, text_mask)
+        hidden = self.text_encoder(text, text_mask.bool())
+        if self.config.layout == "clip":
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), lens.to(hidden.device).long() - 1]
+        elif self.config.layout == "siglip":
+            pooled = hidden[:, -1]
+        else:
+            pooled = hidden[:, 0]
+        return F.normalize(self.text_proj(pooled).float(), dim=-1)
 
     def joint_embedding(self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         u, v = self.encode_image(image), self.encode_text(text, text_mask)

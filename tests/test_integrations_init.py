@@ -7,9 +7,9 @@ import pytest
 import torch
 
 timm = pytest.importorskip("timm", reason="timm not installed (pip install -e '.[interop]')")
+import vlcore.models as models  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-import vlcore.models as models  # noqa: E402
 from vlcore import cli  # noqa: E402
 from vlcore.integrations._mapping import UnmappableKeyError  # noqa: E402
 from vlcore.integrations.init import init_vision, read_state_dict  # noqa: E402

@@ -11,7 +11,7 @@ import torch
 def test_torchvision_imports_beside_this_torch():
     """PyPI's torchvision is a CUDA build whose C ops cannot load beside a CPU-only torch; vlcore.integrations
     declares their schemas so that ``import torchvision`` (hence timm, open_clip) succeeds."""
-    import vlcore.integrations  # noqa: F401  (must come first)
+    import vlcore.integrations  # noqa: F401, I001  (must come first)
     import torchvision
 
     assert hasattr(torch.ops.torchvision, "nms")

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip not installed (pip install -e '.[interop]')")
+import vlcore.models as models  # noqa: E402
 from open_clip.coca_model import CoCa  # noqa: E402
 
-import vlcore.models as models  # noqa: E402
 from vlcore.integrations._mapping import UnmappableKeyError  # noqa: E402
 from vlcore.integrations.open_clip import coca_from_open_clip, coca_state_dict, to_open_clip_state_dict  # noqa: E402,E501
 
@@ -66,7 +66,7 @@ def test_coca_from_open_clip_equals_open_clip():
              "visual.attn_pool.ln_q.weight": ours.pool.norm_q.weight}
     params = dict(theirs.named_parameters())
     for name, mine in pairs.items():
-        torch.testing.assert_close(mine.grad, params[name].grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(mine.grad, params[name].grad, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_the_open_clip_layout_has_two_mlps_per_multimodal_layer_and_the_paper_default_one():

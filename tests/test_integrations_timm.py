@@ -98,7 +98,7 @@ def _patched_equals_unpatched(model, monkeypatch):
     y0.square().sum().backward()
     y1.square().sum().backward()
     for (name, p0), p1 in zip(model.named_parameters(), patched.parameters()):
-        torch.testing.assert_close(p1.grad, p0.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p1.grad, p0.grad, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     assert dict(model.state_dict()).keys() == dict(patched.state_dict()).keys()
     return report, calls
 

@@ -9,14 +9,13 @@ SwinEncoder splits those windows into regions instead), and attention dropout wh
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
-from torch import nn
 from timm.layers import Attention
 from timm.models.swin_transformer import WindowAttention
+from torch import nn
 
 import vlcore
+from vlcore.integrations._report import PatchReport
 
 
 def _dropout_active(module: nn.Module) -> bool:
@@ -55,23 +54,6 @@ class VlcoreWindowAttention(WindowAttention):
 
 
 _PATCHES = {Attention: VlcoreAttention, WindowAttention: VlcoreWindowAttention}
-
-
-@dataclasses.dataclass
-class PatchReport:
-    """What :func:`apply` replaced: module names by timm class, and the modules it left alone with why."""
-
-    replaced: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    @property
-    def count(self) -> int:
-        return sum(len(names) for names in self.replaced.values())
-
-    def __str__(self) -> str:
-        parts = [f"{len(names)} x {cls}" for cls, names in self.replaced.items()]
-        text = "vlcore patched " + (", ".join(parts) if parts else "nothing")
-        return text + (f"; skipped {len(self.skipped)}: {self.skipped}" if self.skipped else "")
 
 
 def apply(model: nn.Module) -> PatchReport:

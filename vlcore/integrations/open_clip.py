@@ -1,14 +1,17 @@
-"""open_clip -> vlcore: a CoCa (``open_clip.CoCa``, e.g. ``coca_ViT-B-32``) into vlcore's CoCa built with
-``layout="open_clip"``, the config switches that reproduce open_clip's architecture exactly.
+"""open_clip <-> vlcore: weights both ways, patching, and drop-in losses.
 
-    model = coca_from_open_clip(open_clip_coca)                 # built from its config, weights copied
-    state = coca_state_dict(open_clip_state_dict, vlcore_coca)  # or just the weights (a local checkpoint)
-    open_clip_coca.load_state_dict(to_open_clip_state_dict(vlcore_coca, open_clip_coca))  # and back
+    align = dual_encoder_from_open_clip(oc_clip)   # CLIP / SigLIP ViT -> vlcore dual encoder (layout clip/siglip)
+    coca = coca_from_open_clip(oc_coca)            # CoCa -> vlcore CoCa (layout="open_clip")
+    oc_coca.load_state_dict(to_open_clip_state_dict(coca, oc_coca))   # and back (to_open_clip_dual_state_dict)
+    report = apply(oc_model)                       # or keep open_clip's model: vlcore attention patched in
+    from vlcore.integrations.open_clip import ClipLoss, SigLipLoss, CoCaLoss   # open_clip's signatures
 
+CoCa (this file): vlcore's CoCa built with ``layout="open_clip"`` reproduces open_clip's architecture exactly.
 Image and text embeddings equal open_clip's ``image_features`` / ``text_features`` and the captioning
 logits equal its ``logits`` at the text positions (open_clip's pad id 0 and legacy [CLS] mask). Fused
 projections are split or joined as vlcore's layout needs (the pooler's one query set becomes the
 contrastive query, its first, and the caption queries, the rest); a key that cannot be mapped is named.
+CLIP / SigLIP: ``_open_clip_dual.py``; patching: ``_open_clip_attention.py``; losses: ``_open_clip_losses.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,34 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
+from vlcore.integrations import _torchvision_compat
 from vlcore.integrations._mapping import UnmappableKeyError, convert, state_dict_of
+from vlcore.integrations._open_clip_dual import (  # noqa: F401  (public here)
+    dual_encoder_from_open_clip,
+    dual_encoder_state_dict,
+    to_open_clip_dual_state_dict,
+)
+
+
+def apply(model: nn.Module):
+    """Patch vlcore's attention into ``model``'s open_clip ``ResidualAttentionBlock`` (vision; text with its
+    causal mask; CoCa's cross-attention) and ``AttentionalPooler`` modules in place; returns a
+    :class:`~vlcore.integrations._report.PatchReport`. Needs open_clip (the weight conversion does not)."""
+    _torchvision_compat.ensure()
+    try:
+        from vlcore.integrations._open_clip_attention import apply as _apply
+    except ImportError as e:
+        raise ImportError("vlcore.integrations.open_clip.apply needs open_clip: pip install -e \".[interop]\"") from e
+    return _apply(model)
+
+
+def __getattr__(name: str):
+    """``ClipLoss`` / ``SigLipLoss`` / ``CoCaLoss``: open_clip's losses on vlcore's op (drop-in, same signature)."""
+    if name in ("ClipLoss", "SigLipLoss", "CoCaLoss"):
+        from vlcore.integrations import _open_clip_losses
+
+        return getattr(_open_clip_losses, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _BLOCK = {"ln_1": "norm1", "attn.in_proj": "attn.qkv", "attn.out_proj": "attn.proj", "ln_2": "norm2",
           "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import vlcore
+from vlcore.nn.transformer import MLP
 
 
 class MultiAttentionPool(nn.Module):
@@ -23,15 +24,17 @@ class MultiAttentionPool(nn.Module):
     """
 
     def __init__(self, dim: int, n_queries: tuple[int, ...], heads: int, context_dim: int | None = None,
-                 eps: float = 1e-5, backend: str | None = None):
+                 eps: float = 1e-5, backend: str | None = None, norm: bool = True):
+        """``norm=False`` drops the query and context LayerNorms (SigLIP's MAP head attends to its raw probe
+        and the already normalised tokens)."""
         super().__init__()
         if dim % heads:
             raise ValueError(f"MultiAttentionPool: dim ({dim}) must be divisible by heads ({heads})")
         context_dim = context_dim or dim
         self.dim, self.heads, self.n_queries, self.backend = dim, heads, tuple(n_queries), backend
         self.queries = nn.ParameterList([nn.Parameter(torch.randn(n, dim) * dim ** -0.5) for n in self.n_queries])
-        self.norm_q = nn.LayerNorm(dim, eps=eps)
-        self.norm_context = nn.LayerNorm(context_dim, eps=eps)
+        self.norm_q = nn.LayerNorm(dim, eps=eps) if norm else nn.Identity()
+        self.norm_context = nn.LayerNorm(context_dim, eps=eps) if norm else nn.Identity()
         self.q_proj = nn.Linear(dim, dim)
         self.kv_proj = nn.Linear(context_dim, 2 * dim)  # fused: one matmul, k and v are strided views
         self.out_proj = nn.ModuleList([nn.Linear(dim, dim) for _ in self.n_queries])
@@ -53,8 +56,27 @@ class AttentionPool(MultiAttentionPool):
     """One attentional pooler: ``forward(context (B, N, context_dim)) -> (B, n_queries, dim)``."""
 
     def __init__(self, dim: int, n_queries: int, heads: int, context_dim: int | None = None, eps: float = 1e-5,
-                 backend: str | None = None):
-        super().__init__(dim, (n_queries,), heads, context_dim, eps, backend)
+                 backend: str | None = None, norm: bool = True):
+        super().__init__(dim, (n_queries,), heads, context_dim, eps, backend, norm)
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
         return super().forward(context)[0]
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (SigLIP's image embedding; Zhai et al., 2023, after Lee et al., 2019's PMA):
+    one learnable probe attends to the tokens, then a residual MLP: y = a + MLP(LN(a)), a = Attn(probe, x).
+
+    forward(tokens (B, N, dim)) -> (B, dim)
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6, act: str = "gelu_tanh",
+                 backend: str | None = None):
+        super().__init__()
+        self.pool = AttentionPool(dim, 1, heads, backend=backend, norm=False)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), act=act)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        a = self.pool(tokens)[:, 0]
+        return a + self.mlp(self.norm(a))

@@ -56,18 +56,20 @@ class TextEncoder(nn.Module):
     """Bidirectional text encoder: embeddings + pre-norm encoder stack; padding handled by ``kv_lens``.
 
     ``post_norm=True`` (no final LayerNorm then) and ``eps=1e-12`` give BERT's own post-norm layers, to run
-    BERT checkpoints (``vlcore.integrations.transformers``) unchanged.
+    BERT checkpoints (``vlcore.integrations.transformers``) unchanged. ``segments=0, embed_norm=False`` with
+    ``causal=True`` (``act="quick_gelu"``) is CLIP's text tower, with ``causal=False`` SigLIP's.
 
     forward(text (B, T), text_mask (B, T)) -> (B, T, dim)
     """
 
     def __init__(self, vocab_size: int, dim: int, depth: int, heads: int, max_len: int, mlp_ratio: float = 4.0,
                  *, checkpoint: bool = False, backend: str | None = None, post_norm: bool = False,
-                 eps: float = LN_EPS, segments: int = 2):
+                 eps: float = LN_EPS, segments: int = 2, embed_norm: bool = True, causal: bool = False,
+                 act: str = "gelu"):
         super().__init__()
-        self.embeddings = TextEmbeddings(vocab_size, dim, max_len, segments=segments, eps=eps)
+        self.embeddings = TextEmbeddings(vocab_size, dim, max_len, segments=segments, eps=eps, norm=embed_norm)
         self.blocks = encoder(dim, depth, heads, mlp_ratio, checkpoint=checkpoint, backend=backend,
-                              post_norm=post_norm, eps=eps, final_norm=not post_norm)
+                              post_norm=post_norm, eps=eps, final_norm=not post_norm, act=act, causal=causal)
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         check_text("TextEncoder", text, text_mask)

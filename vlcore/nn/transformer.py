@@ -17,13 +17,35 @@ from vlcore.nn.attention import KVCache, MultiheadAttention
 LN_EPS = 1e-6
 
 
-class MLP(nn.Module):
-    """Linear -> GELU -> Linear."""
+class QuickGELU(nn.Module):
+    """x·σ(1.702·x): the GELU approximation OpenAI's CLIP was trained with (Radford et al., 2021)."""
 
-    def __init__(self, dim: int, hidden: int, out_dim: int | None = None):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+
+def activation(name: str) -> nn.Module:
+    """The MLP activation: ``"gelu"`` (exact, the default), ``"gelu_tanh"`` (SigLIP's tanh approximation),
+    ``"quick_gelu"`` (OpenAI CLIP's x·σ(1.702x)); the last two exist to run those checkpoints unchanged."""
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "quick_gelu":
+        return QuickGELU()
+    raise ValueError(f"activation: `act` must be one of {ACTIVATIONS}; got {name!r}")
+
+
+class MLP(nn.Module):
+    """Linear -> GELU (``act``: see :func:`activation`) -> Linear."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int | None = None, act: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = activation(act)
         self.fc2 = nn.Linear(hidden, out_dim or dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +59,8 @@ class TransformerLayer(nn.Module):
     ``self_mlp=True`` adds a second MLP right after the self-attention and ``context_norm=True`` a LayerNorm
     on the cross-attended context (open_clip's CoCa decoder layer: self-attention block + cross-attention
     block, each with its own MLP). ``post_norm=True`` puts each LayerNorm after its residual sum instead (x = LN(x + SelfAttn(x)) ...), the
-    original BERT layer, so BERT checkpoints run unchanged; ``eps`` is the LayerNorms' epsilon (BERT: 1e-12).
+    original BERT layer, so BERT checkpoints run unchanged; ``eps`` is the LayerNorms' epsilon (BERT: 1e-12);
+    ``act`` the MLPs' activation (:func:`activation`).
     """
 
     causal_default = False
@@ -45,7 +68,7 @@ class TransformerLayer(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, *, cross: bool = False,
                  context_dim: int | None = None, rel_pos_grid: tuple[int, int] | None = None,
                  causal: bool | None = None, backend: str | None = None, post_norm: bool = False,
-                 eps: float = LN_EPS, self_mlp: bool = False, context_norm: bool = False):
+                 eps: float = LN_EPS, self_mlp: bool = False, context_norm: bool = False, act: str = "gelu"):
         super().__init__()
         self.causal = self.causal_default if causal is None else causal
         self.post_norm = post_norm
@@ -53,7 +76,7 @@ class TransformerLayer(nn.Module):
         self.attn = MultiheadAttention(dim, heads, rel_pos_grid=rel_pos_grid, backend=backend)
         self.cross = cross
         hidden = int(dim * mlp_ratio)
-        self.self_mlp = MLP(dim, hidden) if self_mlp else None
+        self.self_mlp = MLP(dim, hidden, act=act) if self_mlp else None
         self.norm_self_mlp = nn.LayerNorm(dim, eps=eps) if self_mlp else None
         self.norm_context = nn.LayerNorm(context_dim or dim, eps=eps) if cross and context_norm else None
         if cross:
@@ -61,7 +84,7 @@ class TransformerLayer(nn.Module):
             self.cross_attn = MultiheadAttention(dim, heads, cross=True, context_dim=context_dim, backend=backend)
         if hidden:
             self.norm2 = nn.LayerNorm(dim, eps=eps)
-            self.mlp = MLP(dim, hidden)
+            self.mlp = MLP(dim, hidden, act=act)
         else:
             self.mlp = None
 
@@ -135,10 +158,12 @@ class TransformerStack(nn.Module):
 def encoder(dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, *, cross: bool = False,
             context_dim: int | None = None, rel_pos_grid: tuple[int, int] | None = None, final_norm: bool = True,
             checkpoint: bool = False, backend: str | None = None, post_norm: bool = False,
-            eps: float = LN_EPS) -> TransformerStack:
-    """A stack of :class:`EncoderLayer` (one relative-position table per layer when ``rel_pos_grid`` is set)."""
+            eps: float = LN_EPS, act: str = "gelu", causal: bool = False) -> TransformerStack:
+    """A stack of :class:`EncoderLayer` (one relative-position table per layer when ``rel_pos_grid`` is set);
+    ``causal=True``: CLIP's text tower, an encoder whose self-attention is causal."""
     layers = [EncoderLayer(dim, heads, mlp_ratio, cross=cross, context_dim=context_dim, rel_pos_grid=rel_pos_grid,
-                           backend=backend, post_norm=post_norm, eps=eps) for _ in range(depth)]
+                           backend=backend, post_norm=post_norm, eps=eps, act=act, causal=causal)
+              for _ in range(depth)]
     return TransformerStack(layers, dim, final_norm=final_norm, checkpoint=checkpoint, eps=eps)
 
 

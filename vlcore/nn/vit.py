@@ -15,18 +15,19 @@ class PatchEmbed(nn.Module):
     ``stem="conv"``: a convolutional stem of log2(patch) stride-2 3x3 convolutions (Xiao et al., 2021, "Early
     convolutions help transformers see better"): the same N tokens, far quicker to train from scratch on small
     data, at a few more parameters. Needs a power-of-two patch size. Its widths start at ``stem_width`` and
-    double (capped at ``dim``); the last convolution projects to ``dim``.
+    double (capped at ``dim``); the last convolution projects to ``dim``. ``bias=False``: a linear stem without
+    bias (CLIP's).
     """
 
     def __init__(self, image_size: int, patch_size: int, dim: int, in_chans: int = 3, stem: str = "linear",
-                 stem_width: int = 32):
+                 stem_width: int = 32, bias: bool = True):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"PatchEmbed: image_size {image_size} must be a multiple of patch_size {patch_size}")
         self.image_size, self.patch_size, self.in_chans = image_size, patch_size, in_chans
         self.grid = (image_size // patch_size, image_size // patch_size)
         if stem == "linear":
-            self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+            self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size, bias=bias)
         elif stem == "conv":
             n = patch_size.bit_length() - 1
             if patch_size < 2 or 1 << n != patch_size:
@@ -63,17 +64,18 @@ class ViT(nn.Module):
     def __init__(self, image_size: int, patch_size: int, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0,
                  *, cls_token: bool = False, checkpoint: bool = False, backend: str | None = None,
                  stem: str = "linear", stem_width: int = 32, pre_norm: bool = False, final_norm: bool = True,
-                 eps: float = LN_EPS):
+                 eps: float = LN_EPS, act: str = "gelu", patch_bias: bool = True):
         """``pre_norm`` adds a LayerNorm before the blocks and ``final_norm=False`` drops the one after them
-        (CLIP / open_clip towers, whose pooler normalises); ``eps``: the LayerNorms' epsilon."""
+        (CLIP / open_clip towers, whose pooler normalises); ``eps``: the LayerNorms' epsilon; ``act``: the MLP
+        activation; ``patch_bias=False``: CLIP's bias-free patch projection."""
         super().__init__()
-        self.patch_embed = PatchEmbed(image_size, patch_size, dim, stem=stem, stem_width=stem_width)
+        self.patch_embed = PatchEmbed(image_size, patch_size, dim, stem=stem, stem_width=stem_width, bias=patch_bias)
         n = self.patch_embed.num_patches + int(cls_token)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
         self.pos_embed = nn.Parameter(torch.randn(1, n, dim) * 0.02)
         self.norm_pre = nn.LayerNorm(dim, eps=eps) if pre_norm else nn.Identity()
         self.blocks = encoder(dim, depth, heads, mlp_ratio, checkpoint=checkpoint, backend=backend,
-                              final_norm=final_norm, eps=eps)
+                              final_norm=final_norm, eps=eps, act=act)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(image)
