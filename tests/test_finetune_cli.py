@@ -52,6 +52,10 @@ def test_finetune_from_checkpoint_starts_from_its_weights(tmp_path):
         torch.testing.assert_close(after[f"backbone.{k}"], v, atol=1e-6, rtol=0)
     # and a fine-tuned run can itself be fine-tuned further (its head is dropped, the backbone kept)
     _finetune(tmp_path, "ft2", "--task", "vqa", "--checkpoint", str(out))
+    # vlcore eval on a fine-tuned run: the task's metric (the same as the run's own evaluation, same examples)
+    assert main(["eval", "--checkpoint", str(out), "--device", "cpu", "--out", str(tmp_path / "e.json")]) == 0
+    again = json.loads((tmp_path / "e.json").read_text())
+    assert again["task"] == "ve" and again["n"] == 500
 
 
 def test_finetune_resume_continues(tmp_path, capsys):

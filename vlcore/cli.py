@@ -363,6 +363,8 @@ def _cmd_eval(args) -> int:
     model, tokenizer, meta, device = _load(args)
     autocast, _ = autocast_for(device, args.precision)
     data = meta.get("data", {})
+    if meta.get("task"):  # a fine-tuned run: its task's held-out metric
+        return _eval_task(args, model, tokenizer, meta, device, autocast)
     metrics = evaluation.evaluate(model, tokenizer, device, max_text_len=int(data.get("max_text_len", 16)),
                                   image_size=int(data.get("image_size", 64)), seed=args.seed,
                                   n_scenes=args.scenes, batch_size=args.batch_size, autocast=autocast,
@@ -370,6 +372,23 @@ def _cmd_eval(args) -> int:
     metrics.update(model=meta["model"], step=int(meta.get("step", 0)))
     print(f"{meta['model']} at step {metrics['step']}")
     print(evaluation.format_table(metrics))
+    out = Path(args.out) if args.out else _fresh_eval_path(checkpoint.run_dir_of(args.checkpoint))
+    evaluation.save_json(metrics, out)
+    print(f"saved {out}")
+    return 0
+
+
+def _eval_task(args, model, tokenizer, meta, device, autocast) -> int:
+    from vlcore.train import checkpoint, evaluation
+    from vlcore.train.finetune_eval import evaluate_task, format_result
+
+    data = meta.get("data", {})
+    metrics = evaluate_task(model, tokenizer, device, max_text_len=int(data.get("max_text_len", 16)),
+                            image_size=int(data.get("image_size", 64)), seed=args.seed, batch_size=args.batch_size,
+                            autocast=autocast)
+    metrics.update(model=meta["model"], step=int(meta.get("step", 0)))
+    print(f"{meta['model']} fine-tuned for {meta['task']}, at step {metrics['step']}")
+    print(format_result(metrics))
     out = Path(args.out) if args.out else _fresh_eval_path(checkpoint.run_dir_of(args.checkpoint))
     evaluation.save_json(metrics, out)
     print(f"saved {out}")
