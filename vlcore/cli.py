@@ -1,8 +1,9 @@
-"""The ``vlcore`` command line: pretrain, eval, caption, bench, info.
+"""The ``vlcore`` command line: pretrain, finetune, eval, caption, bench, info.
 
     vlcore pretrain                      # coca-tiny on the embedded digits-scenes dataset, then evaluation
     torchrun --nproc_per_node 8 -m vlcore.cli pretrain --model coca-tiny --data 'shards/{00000..00099}.tar'
     vlcore eval --checkpoint runs/coca-tiny-20260101-120000
+    vlcore finetune --task vqa --checkpoint runs/vilt-tiny-20260101-120000
 """
 
 from __future__ import annotations
@@ -113,8 +114,30 @@ def _add_pretrain(sub) -> None:
         epilog=f"models: {_model_names()}")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=d.model, help="registered model name (see the list below)")
+    _train_options(p, g, d, pretrain=True)
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _train_options(p, g, d, pretrain: bool) -> None:
+    """The options pretrain and finetune share (finetune: not the pretraining data's), in groups."""
     g.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
-                   help="override a model config field (value parsed as JSON), repeatable, e.g. --set width=128")
+                   help="override a model config field (value parsed as JSON), repeatable, e.g. --set width=128"
+                        + ("" if pretrain else " (--model only: a --checkpoint keeps its run's config)"))
+    if pretrain:
+        _pretrain_data_options(g, d)
+    else:
+        g.add_argument("--image-size", type=int_at_least(1), default=d.image_size, help="input resolution (--model)")
+        g.add_argument("--max-text-len", type=int_at_least(2), default=d.max_text_len,
+                       help="text length incl. BOS/EOS (--model)")
+        g.add_argument("--vocab-size", type=int_at_least(263), default=d.vocab_size,
+                       help="vocabulary size of the BPE trained for --model")
+        g.add_argument("--plugin", action="append", metavar="MODULE", help="import MODULE first (custom models)")
+    _optimisation_options(p, d)
+    _hardware_output_options(p, d)
+    _mark_defaults(p)
+
+
+def _pretrain_data_options(g, d) -> None:
     g.add_argument("--data", default=d.data,
                    help="'digits-scenes' (embedded, generated from scikit-learn's digits) or tar shards / JSONL "
                         "manifests: 'dir/', 'shards/{00000..00009}.tar', globs, comma-separated lists")
@@ -137,6 +160,9 @@ def _add_pretrain(sub) -> None:
                    help="initialise the vision tower from a local timm ViT / Swin checkpoint (file or folder)")
     g.add_argument("--plugin", action="append", metavar="MODULE",
                    help="import MODULE first (e.g. one that registers your models with vlcore.models.register)")
+
+
+def _optimisation_options(p, d) -> None:
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int_at_least(1), default=d.steps, help="optimizer steps")
     o.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size, help="micro-batch per process")
@@ -150,6 +176,9 @@ def _add_pretrain(sub) -> None:
                    help="a step with a non-finite loss or gradient is skipped (not applied, counted in the metrics); "
                         "this many in a row stop the run")
     o.add_argument("--seed", type=int_at_least(0), default=d.seed, help="seed of weights, data and dropout")
+
+
+def _hardware_output_options(p, d) -> None:
     r = p.add_argument_group("hardware")
     r.add_argument("--device", type=device, default=d.device, help="auto (CUDA when available), cpu, cuda, cuda:1")
     r.add_argument("--threads", type=int_at_least(0), default=d.threads,
@@ -178,8 +207,6 @@ def _add_pretrain(sub) -> None:
     c.add_argument("--eval", default=d.eval, choices=["auto", "on", "off"],
                    help="held-out evaluation at the end (auto: on for digits-scenes)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
-    _mark_defaults(p)
-    p.set_defaults(func=_cmd_pretrain)
 
 
 def _check_pretrain_inputs(args) -> None:
@@ -208,35 +235,89 @@ def _check_pretrain_inputs(args) -> None:
             raise UsageError(f"--data: expected {DIGITS!r} or existing tar shards / JSONL manifests; {e}") from None
 
 
+def _train_config(args, explicit: tuple, **extra):
+    """The TrainConfig of a pretrain / finetune command line: every option named like a TrainConfig field."""
+    from vlcore.train.loop import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    if "scene_mix" in values:
+        values["scene_mix"] = _scene_mix(values["scene_mix"])
+    values["overrides"] = _overrides(args.overrides)
+    return TrainConfig(**{**values, **extra}, explicit=explicit)
+
+
 def _cmd_pretrain(args) -> int:
     from vlcore.train.loop import TrainConfig, pretrain
 
     explicit = tuple(n for n in _explicit_options(args) if n in {f.name for f in dataclasses.fields(TrainConfig)})
     _plugins(args.plugin)
     _check_pretrain_inputs(args)
-    cfg = TrainConfig(model=args.model, data=args.data, steps=args.steps, batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
-                      weight_decay=args.weight_decay, clip_grad=args.clip_grad,
-                      max_skipped_steps=args.max_skipped_steps, seed=args.seed,
-                      precision=args.precision, device=args.device, compile=args.compile,
-                      activation_checkpointing=args.activation_checkpointing, dist=args.dist,
-                      out_dir=args.out_dir, resume=args.resume, overwrite=args.overwrite,
-                      save_every=args.save_every, keep=args.keep,
-                      log_every=args.log_every, eval=args.eval, tokenizer=args.tokenizer,
-                      vocab_size=args.vocab_size, max_text_len=args.max_text_len, image_size=args.image_size,
-                      num_workers=args.num_workers, threads=args.threads,
-                      scene_mix=_scene_mix(args.scene_mix), shuffle_buffer=args.shuffle_buffer,
-                      max_bad_fraction=args.max_bad_fraction, overrides=_overrides(args.overrides),
-                      quiet=args.quiet, explicit=explicit,
-                      init_vision=args.init_vision)
+    cfg = _train_config(args, explicit)
+    return _run_training(pretrain, cfg, "pretrain")
+
+
+def _run_training(pretrain, cfg, command: str) -> int:
     from vlcore.train.checkpoint import CheckpointWriteError
 
     try:
         pretrain(cfg)  # an existing run folder (FileExistsError) is a user error: main's one line, exit 2
     except CheckpointWriteError as e:  # disk full etc.: the previous checkpoint is intact
-        print(f"vlcore pretrain: {e}; earlier checkpoints are intact", file=sys.stderr)
+        print(f"vlcore {command}: {e}; earlier checkpoints are intact", file=sys.stderr)
         return 1
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- finetune
+FINETUNE_DEFAULTS = {"steps": 500, "lr": 3e-4, "warmup": 50, "save_every": 500}
+
+
+def _add_finetune(sub) -> None:
+    from vlcore.data.tasks import TASKS
+    from vlcore.train.loop import TrainConfig
+
+    d = TrainConfig(**FINETUNE_DEFAULTS)
+    p = sub.add_parser(
+        "finetune", help="fine-tune a pretrained run (or a model from scratch) on a downstream task",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Fine-tune on a digits-scenes downstream task with the pretraining loop (progress, "
+                    "checkpoints, --resume, torchrun), then evaluate on held-out examples with the task's metric "
+                    "(printed and written to eval.json): vqa (VQA score), grounding (Acc@0.5 IoU), nlvr2 / ve / "
+                    "vcr (accuracy), captioning (BLEU-4, CIDEr), retrieval (R@1/5/10). Recipes: "
+                    "vlcore/train/finetune.py.",
+        epilog=f"models: {_model_names()}")
+    g = p.add_argument_group("task and model")
+    g.add_argument("--task", required=True, choices=TASKS, help="the downstream task")
+    start = g.add_mutually_exclusive_group()
+    start.add_argument("--checkpoint", dest="init_from", default=None, metavar="RUN",
+                       help="start from this run (folder, its checkpoints/latest.json or a weights file): its "
+                            "model, config, weights and tokenizer")
+    start.add_argument("--model", default=None, help="start from random weights of this registered model")
+    g.add_argument("--eval-examples", type=int_at_least(0), default=0,
+                   help="held-out examples to evaluate (0: the task's default)")
+    _train_options(p, g, d, pretrain=False)
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _cmd_finetune(args) -> int:
+    from vlcore import models
+    from vlcore.train.loop import TrainConfig, pretrain
+
+    explicit = tuple(n for n in _explicit_options(args) if n in {f.name for f in dataclasses.fields(TrainConfig)})
+    _plugins(args.plugin)
+    if args.resume is None and args.init_from is None and args.model is None:
+        raise UsageError("--checkpoint or --model: expected the run to fine-tune (--checkpoint RUN) or a model to "
+                         "train from scratch (--model NAME), found neither")
+    if args.init_from is not None and not Path(args.init_from).exists():
+        raise UsageError(f"--checkpoint: expected a run folder, its checkpoints/latest.json or a weights file, "
+                         f"found {args.init_from!r}, which does not exist")
+    if args.init_from is not None and args.overrides:
+        raise UsageError("--set: a --checkpoint run keeps its model config; --set goes with --model")
+    if args.model is not None and args.model not in models.list_models():
+        raise UsageError(f"--model: expected a registered model ({', '.join(models.list_models())}), found "
+                         f"{args.model!r}")
+    model = args.model or TrainConfig.model
+    return _run_training(pretrain, _train_config(args, explicit, model=model), "finetune")
 
 
 # ---------------------------------------------------------------------------------------------- eval / caption
@@ -282,6 +363,8 @@ def _cmd_eval(args) -> int:
     model, tokenizer, meta, device = _load(args)
     autocast, _ = autocast_for(device, args.precision)
     data = meta.get("data", {})
+    if meta.get("task"):  # a fine-tuned run: its task's held-out metric
+        return _eval_task(args, model, tokenizer, meta, device, autocast)
     metrics = evaluation.evaluate(model, tokenizer, device, max_text_len=int(data.get("max_text_len", 16)),
                                   image_size=int(data.get("image_size", 64)), seed=args.seed,
                                   n_scenes=args.scenes, batch_size=args.batch_size, autocast=autocast,
@@ -289,6 +372,23 @@ def _cmd_eval(args) -> int:
     metrics.update(model=meta["model"], step=int(meta.get("step", 0)))
     print(f"{meta['model']} at step {metrics['step']}")
     print(evaluation.format_table(metrics))
+    out = Path(args.out) if args.out else _fresh_eval_path(checkpoint.run_dir_of(args.checkpoint))
+    evaluation.save_json(metrics, out)
+    print(f"saved {out}")
+    return 0
+
+
+def _eval_task(args, model, tokenizer, meta, device, autocast) -> int:
+    from vlcore.train import checkpoint, evaluation
+    from vlcore.train.finetune_eval import evaluate_task, format_result
+
+    data = meta.get("data", {})
+    metrics = evaluate_task(model, tokenizer, device, max_text_len=int(data.get("max_text_len", 16)),
+                            image_size=int(data.get("image_size", 64)), seed=args.seed, batch_size=args.batch_size,
+                            autocast=autocast)
+    metrics.update(model=meta["model"], step=int(meta.get("step", 0)))
+    print(f"{meta['model']} fine-tuned for {meta['task']}, at step {metrics['step']}")
+    print(format_result(metrics))
     out = Path(args.out) if args.out else _fresh_eval_path(checkpoint.run_dir_of(args.checkpoint))
     evaluation.save_json(metrics, out)
     print(f"saved {out}")
@@ -448,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vlcore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     _add_pretrain(sub)
+    _add_finetune(sub)
     _add_eval(sub)
     _add_caption(sub)
     _add_bench(sub)

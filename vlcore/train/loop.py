@@ -32,8 +32,12 @@ from vlcore import models
 from vlcore.data.digits_scenes import ANSWERS, QUESTIONS, DigitsScenes, in_words
 from vlcore.data.loader import Collator, DigitsSource, ShardSource
 from vlcore.data.shards import ShardStream, read_captions
+from vlcore.data.tasks import TaskData
+from vlcore.data.tasks_batch import TaskSource
 from vlcore.data.tokenizer import ByteBPETokenizer
 from vlcore.train import checkpoint, distributed, evaluation, faults, resume, run_folder
+from vlcore.train.finetune import TaskModel
+from vlcore.train.finetune_eval import evaluate_task, format_result
 from vlcore.train.guard import BufferSnapshot, NonFiniteSteps, RunStopped, StopRequests
 from vlcore.train.optim import build_optimizer, build_scheduler
 from vlcore.train.progress import MetricsLog, Progress, plot_metrics
@@ -80,6 +84,11 @@ class TrainConfig:
     overrides: dict = field(default_factory=dict)
     quiet: bool = False
     init_vision: str | None = None  # local timm ViT / Swin checkpoint for the vision tower (fresh runs only)
+    # vlcore finetune: the downstream task (vlcore/train/finetune.py), the run whose weights and tokenizer it
+    # starts from (None: --model from scratch) and the held-out examples of its evaluation (0: the task's default)
+    task: str | None = None
+    init_from: str | None = None
+    eval_examples: int = 0
     # Fields set on purpose (the CLI's explicit flags): on --resume the others come from the run. None: those
     # that differ from these defaults.
     explicit: tuple | None = None
@@ -239,11 +248,11 @@ def _stop_requested(stops: StopRequests, info) -> bool:
     return bool(flag.item())
 
 
-def _interrupted(stops: StopRequests, done: int, total: int, run_dir: Path, info) -> None:
+def _interrupted(stops: StopRequests, done: int, total: int, run_dir: Path, info, command: str = "pretrain") -> None:
     """The one line a stopped run prints (rank 0) before it exits with 128 + the signal number."""
     if done < total:
         message = (f"interrupted at step {done} ({stops.name}); checkpoint saved to {run_dir / 'checkpoints'}; "
-                   f"resume with: vlcore pretrain --resume {run_dir}")
+                   f"resume with: vlcore {command} --resume {run_dir}")
     else:
         message = (f"interrupted at the last step {done} ({stops.name}); checkpoint saved to "
                    f"{run_dir / 'checkpoints'}; evaluation skipped; evaluate with: vlcore eval --checkpoint {run_dir}")
@@ -284,6 +293,8 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
         raise run_folder.RunFolderExists(refused)
     resumed = checkpoint.load_checkpoint(cfg.resume) if cfg.resume else None
     changed: set[str] = set()
+    init = None
+    command = "finetune" if cfg.task else "pretrain"
     if resumed is not None:
         meta = resumed["metadata"]
         if resumed["train_state"] is None:
@@ -297,6 +308,12 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
         if saved_world != info.world_size:
             raise ValueError(f"--resume: the checkpoint was written by {saved_world} process(es), this run has "
                              f"{info.world_size}; exact resumption needs the same world size")
+        tokenizer = ByteBPETokenizer.from_dict(meta["tokenizer"])
+        model_overrides = meta["config"]
+    elif cfg.init_from:  # fine-tuning a pretrained run: its model, config and tokenizer
+        init = _init_checkpoint(cfg.init_from)
+        meta = init["metadata"]
+        cfg = dataclasses.replace(cfg, model=meta["model"])
         tokenizer = ByteBPETokenizer.from_dict(meta["tokenizer"])
         model_overrides = meta["config"]
     else:
@@ -318,6 +335,10 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
         model_overrides = {**model_overrides, "checkpoint": bool(cfg.activation_checkpointing)}
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model, model_config = build_model(cfg.model, model_overrides)
+    if init is not None:
+        model.load_state_dict(init["model_state"])
+    if cfg.task:
+        model = _task_model(cfg.task, model, model_config)
     model_config["vocab_size"] = model_config.get("vocab_size", tokenizer.vocab_size)
     if model_config["vocab_size"] < tokenizer.vocab_size:
         raise ValueError(f"model vocab_size {model_config['vocab_size']} < tokenizer vocab {tokenizer.vocab_size}")
@@ -343,7 +364,10 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
     autocast, precision = autocast_for(device, cfg.precision)
 
     collator = Collator(tokenizer, max_text_len=max_text_len)
-    if cfg.data == DIGITS:
+    if cfg.task:
+        source = TaskSource(TaskData(cfg.task, "train", seed=cfg.seed, image_size=image_size), tokenizer,
+                            max_text_len, cfg.batch_size, info.rank, info.world_size)
+    elif cfg.data == DIGITS:
         source = DigitsSource(DigitsScenes("train", seed=cfg.seed, image_size=image_size,
                                            count_weights=tuple(cfg.scene_mix)), collator,
                               cfg.batch_size, info.rank, info.world_size, num_workers=cfg.num_workers)
@@ -375,12 +399,14 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
     meta = {"model": cfg.model, "config": model_config, "tokenizer": tokenizer.to_dict(),
             "data": {"name": cfg.data if cfg.data == DIGITS else "shards", "image_size": image_size,
                      "max_text_len": max_text_len}, "vlcore_format": "1"}
+    if cfg.task:
+        meta["task"] = cfg.task
     if info.is_main:
         tokenizer.save(run_dir / "tokenizer.json")
         (run_dir / "config.json").write_text(json.dumps({"train": dataclasses.asdict(cfg), "model": model_config},
                                                         indent=2, default=str) + "\n")
     global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
-    _log(info, f"vlcore pretrain: {cfg.model} ({n_params / 1e6:.2f}M parameters) on {cfg.data}, device {device}"
+    _log(info, f"vlcore {command}: {cfg.task + ' with ' if cfg.task else ''}{cfg.model} ({n_params / 1e6:.2f}M parameters) on {cfg.data}, device {device}"
                f"{f' x {info.world_size} processes ({cfg.dist})' if info.enabled else ''}, {precision}")
     _log(info, f"  steps {start_step}->{cfg.steps}, global batch {global_batch} ({cfg.batch_size} x "
                f"{cfg.grad_accum} accumulation x {info.world_size} processes), lr {cfg.lr:g}, warm-up "
@@ -456,7 +482,7 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
             _save(run_dir, done, train_model, optimizer, scheduler, source, cfg, info, meta, done, nonfinite.skipped)
             last_saved = done
         if stop:
-            _interrupted(stops, done, cfg.steps, run_dir, info)
+            _interrupted(stops, done, cfg.steps, run_dir, info, command)
     progress.close()
     train_s = time.perf_counter() - t_start
     _log(info, f"trained {cfg.steps - start_step} steps in {train_s:.0f} s; final loss {losses[-1]:.4f}"
@@ -478,14 +504,22 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
             full_state = distributed.full_model_state(train_model, "fsdp")
             if info.is_main:
                 eval_model, _ = build_model(cfg.model, model_config)
+                if cfg.task:
+                    eval_model = _task_model(cfg.task, eval_model, model_config)
                 eval_model.load_state_dict(full_state)
                 eval_model.to(device)
         if info.is_main:
-            metrics_eval = evaluation.evaluate(eval_model, tokenizer, device, max_text_len=max_text_len,
-                                               image_size=image_size, autocast=autocast)
+            if cfg.task:
+                metrics_eval = evaluate_task(eval_model, tokenizer, device, max_text_len=max_text_len,
+                                             image_size=image_size, autocast=autocast, n=cfg.eval_examples or None)
+                table = format_result(metrics_eval)
+            else:
+                metrics_eval = evaluation.evaluate(eval_model, tokenizer, device, max_text_len=max_text_len,
+                                                   image_size=image_size, autocast=autocast)
+                table = evaluation.format_table(metrics_eval)
             metrics_eval["train_seconds"] = train_s
             evaluation.save_json(metrics_eval, run_dir / "eval.json")
-            _log(info, evaluation.format_table(metrics_eval))
+            _log(info, table)
             _log(info, f"saved {run_dir / 'eval.json'}")
             result["eval"] = metrics_eval
         if info.enabled:
@@ -505,6 +539,26 @@ def model_from_checkpoint(path: str, device: torch.device | str = "cpu"):
         raise ValueError(f"{ckpt['weights_path']} is not a vlcore checkpoint (its metadata lacks model/config/"
                          f"tokenizer: {sorted(meta)})")
     model, _ = build_model(meta["model"], meta["config"])
+    if meta.get("task"):
+        model = _task_model(meta["task"], model, meta["config"])
     model.load_state_dict(ckpt["model_state"])
     model.to(device).eval()
     return model, ByteBPETokenizer.from_dict(meta["tokenizer"]), meta
+
+
+def _task_model(task: str, backbone: torch.nn.Module, model_config: dict) -> TaskModel:
+    return TaskModel(task, backbone, max_text_len=int(model_config.get("max_text_len", 32)))
+
+
+def _init_checkpoint(path: str) -> dict:
+    """The weights, config and tokenizer a fine-tuning run starts from; a fine-tuned run's backbone counts too
+    (its task head is dropped)."""
+    ckpt = checkpoint.load_checkpoint(path, with_state=False)
+    meta = ckpt["metadata"]
+    if "model" not in meta or "config" not in meta or "tokenizer" not in meta:
+        raise ValueError(f"--checkpoint: {ckpt['weights_path']} is not a vlcore checkpoint (its metadata lacks "
+                         f"model/config/tokenizer: {sorted(meta)})")
+    if meta.get("task"):
+        ckpt["model_state"] = {k[len("backbone."):]: v for k, v in ckpt["model_state"].items()
+                               if k.startswith("backbone.")}
+    return ckpt
