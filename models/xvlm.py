@@ -219,6 +219,14 @@ class XVLM(nn.Module):
         lens = text_lengths("X-VLM", text, text_mask, min_len=1).to(text.device)
         return self.text_feature(self.text_hidden(text, lens))
 
+    def score(self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """ITM log-odds (match minus no-match logit) of each (image_i, text_i) from the cross encoder's [CLS], (B,):
+        the re-ranking score of X-VLM's retrieval protocol (``vlcore.heads.retrieval``)."""
+        lens = text_lengths("X-VLM", text, text_mask, min_len=1).to(text.device)
+        concept, concept_lens = self.image_concept(self.vision(image))
+        logits = self.itm_head(self.cross(self.text_hidden(text, lens), lens, concept, concept_lens)[:, 0]).float()
+        return logits[:, 1] - logits[:, 0]
+
     def predict_box(self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Box (B, 4) normalised (cx, cy, w, h) of the concept each text describes."""
         lens = text_lengths("X-VLM", text, text_mask, min_len=1).to(text.device)
