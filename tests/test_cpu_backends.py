@@ -130,6 +130,28 @@ def test_attention_cpu_rel_pos_bias_built_once_per_call(monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("nq,nk", [(5, 5), (3, 8), (1, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_attention_cpu_cached_causal_bias_matches_the_oracle_visibility(nq, nk, dtype):
+    """The memoised additive mask is -inf exactly where the independent oracle hides a key, and a second call
+    (served from the memo) returns the same values for its own dtype."""
+    from dense_oracles import attention_visible
+
+    want = attention_visible(1, nq, nk, causal=True, prefix_lens=None, kv_lens=None)[:, None]
+    for _ in range(2):
+        bias = cpu_attention.causal_bias(nq, nk, dtype, torch.device("cpu"))
+        assert bias.dtype == dtype and bias.shape == (1, 1, nq, nk)
+        assert torch.equal(bias == 0, want) and torch.equal(bias == float("-inf"), ~want)
+
+
+def test_attention_cpu_prefix_builds_no_boolean_mask(monkeypatch):
+    """PrefixLM without padding takes the additive-mask path: the boolean (B, Nq, Nk) mask is never built."""
+    monkeypatch.setattr(cpu_attention.ref, "visibility_mask", lambda *a, **k: pytest.fail("boolean mask built"))
+    leaves, kw = _attention_inputs("prefix", torch.float64)
+    out = vlcore.attention(*leaves, backend="cpu", **kw)
+    torch.testing.assert_close(out, naive_attention(*leaves, **kw), rtol=1e-10, atol=1e-12)
+
+
 # ---- contrastive loss ----------------------------------------------------------------------------------
 
 def _small_chunks(monkeypatch, elements=12):
