@@ -50,6 +50,7 @@ class ViLTConfig:
     image_size: int = 384
     max_text_len: int = 40
     patch_size: int = 32
+    patch_stem: str = "linear"  # the paper's linear patch projection; "conv": vlcore.nn.PatchEmbed's conv stem
     dim: int = 768
     depth: int = 12
     heads: int = 12
@@ -70,7 +71,7 @@ class ViLT(nn.Module):
         super().__init__()
         c = self.config = config
         self.text_embed = TextEmbeddings(c.vocab_size, c.dim, c.max_text_len)
-        self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.dim)
+        self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.dim, stem=c.patch_stem)
         self.image_cls = nn.Parameter(torch.zeros(1, 1, c.dim))
         self.image_pos = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, c.dim))
         self.type_embed = nn.Embedding(2, c.dim)
