@@ -135,6 +135,9 @@ def _add_pretrain(sub) -> None:
                         "skip is counted by reason in the metrics and the summary)")
     g.add_argument("--init-vision", default=None, metavar="PATH",
                    help="initialise the vision tower from a local timm ViT / Swin checkpoint (file or folder)")
+    g.add_argument("--init-text", default=None, metavar="PATH",
+                   help="initialise the text tower from a local BERT checkpoint (file or folder; align / mural "
+                        "with --set text_post_norm=true)")
     g.add_argument("--plugin", action="append", metavar="MODULE",
                    help="import MODULE first (e.g. one that registers your models with vlcore.models.register)")
     o = p.add_argument_group("optimisation")
@@ -228,7 +231,7 @@ def _cmd_pretrain(args) -> int:
                       scene_mix=_scene_mix(args.scene_mix), shuffle_buffer=args.shuffle_buffer,
                       max_bad_fraction=args.max_bad_fraction, overrides=_overrides(args.overrides),
                       quiet=args.quiet, explicit=explicit,
-                      init_vision=args.init_vision)
+                      init_vision=args.init_vision, init_text=args.init_text)
     from vlcore.train.checkpoint import CheckpointWriteError
 
     try:

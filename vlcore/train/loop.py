@@ -80,6 +80,7 @@ class TrainConfig:
     overrides: dict = field(default_factory=dict)
     quiet: bool = False
     init_vision: str | None = None  # local timm ViT / Swin checkpoint for the vision tower (fresh runs only)
+    init_text: str | None = None  # local BERT checkpoint for the text tower (fresh runs only)
     # Fields set on purpose (the CLI's explicit flags): on --resume the others come from the run. None: those
     # that differ from these defaults.
     explicit: tuple | None = None
@@ -327,6 +328,12 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
         from vlcore.integrations.init import init_vision
 
         summary = init_vision(model, cfg.init_vision)
+        if info.is_main and not cfg.quiet:
+            print(summary, flush=True)
+    if cfg.init_text and resumed is None:
+        from vlcore.integrations.init import init_text
+
+        summary = init_text(model, cfg.init_text)
         if info.is_main and not cfg.quiet:
             print(summary, flush=True)
     model.to(device)
