@@ -20,6 +20,8 @@ Layouts (``ALIGNConfig.layout``, to run public dual-encoder checkpoints unchange
 
 ``act`` (``"gelu"``, ``"gelu_tanh"``, ``"quick_gelu"``; ``vit_act`` for the image tower when it differs) and
 ``eps`` (None: 1e-5 for clip, 1e-6 otherwise) set the MLP activation and the LayerNorm epsilon of the towers.
+``text_post_norm=True`` (paper layout) builds the text tower with BERT's post-norm layers (eps 1e-12), to start
+it from a BERT checkpoint (``vlcore pretrain --init-text``).
 
 Batch keys: ``image``, ``text``, ``text_mask``. Provides ``encode_image`` / ``encode_text`` (L2-normalised;
 retrieval and zero-shot heads), ``image_tokens`` (feature-map tokens for the captioning head) and
