@@ -241,15 +241,21 @@ def test_apply_bert_left_padding_falls_back_to_transformers(monkeypatch):
 def test_apply_clip_and_siglip_attention(make, monkeypatch):
     model = make()
     text, mask = _texts()
-    image = torch.randn(2, 3, 32, 32)
+    image = torch.randn(3, 3, 32, 32)
 
     def run(m):
-        out = m(input_ids=text, pixel_values=image, attention_mask=mask.long())
-        return torch.cat([out.text_embeds.flatten(), out.image_embeds.flatten()])
+        out = m(input_ids=text, pixel_values=image, attention_mask=mask.long(), return_loss=True)
+        return torch.cat([out.text_embeds.flatten(), out.image_embeds.flatten(), out.loss.reshape(1)])
 
-    report, calls, _ = _patched_equals_unpatched(model, run, monkeypatch)
-    assert report.count == 4
+    import vlcore
+
+    losses = []
+    real_loss = vlcore.contrastive_loss
+    monkeypatch.setattr(vlcore, "contrastive_loss", lambda *a, **kw: losses.append(kw["kind"]) or real_loss(*a, **kw))
+    report, calls, patched = _patched_equals_unpatched(model, run, monkeypatch)
     clip = isinstance(model, transformers.CLIPModel)
+    assert report.count == 5 and report.replaced[f"{type(model).__name__} (loss)"] == ["<model>"]
+    assert losses == ["infonce" if clip else "siglip"]  # the patched loss ran on vlcore's op
     # text: causal for CLIP, padding as lengths in both; vision: bidirectional, no padding
     text_calls = [kw for kw in calls if kw["kv_lens"] is not None]
     assert len(calls) == 4 and len(text_calls) == 2
