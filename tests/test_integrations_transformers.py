@@ -272,3 +272,18 @@ def test_patched_bert_compiles_in_one_graph():
     compiled = torch.compile(lambda i, m: bert(input_ids=i, attention_mask=m).last_hidden_state, fullgraph=True,
                              backend="eager")
     torch.testing.assert_close(compiled(ids, mask), bert(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+
+def test_patched_clip_with_its_loss_compiles_in_one_graph():
+    model = _tiny_clip()
+    vtf.apply(model)
+    text, mask = _texts()
+    image = torch.randn(3, 3, 32, 32)
+
+    def run(i, t, m):
+        out = model(input_ids=t, pixel_values=i, attention_mask=m, return_loss=True)
+        return out.loss, out.text_embeds
+
+    compiled = torch.compile(run, fullgraph=True, backend="eager")
+    for a, b in zip(compiled(image, text, mask.long()), run(image, text, mask.long()), strict=True):
+        torch.testing.assert_close(a, b)
