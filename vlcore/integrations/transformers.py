@@ -149,9 +149,11 @@ def to_transformers_state_dict(align: nn.Module, model: nn.Module | Mapping[str,
     key set): the inverse of :func:`dual_encoder_state_dict`. ``tensors``: other tensors keyed like
     ``align``'s state dict (its gradients, say) to move instead of its weights."""
     layout = _layout(model, align)
-    peer = {k: v for k, v in state_dict_of(model).items() if not k.startswith(_IGNORE)}
-    return invert_links(align.state_dict() if tensors is None else tensors, _dual_links(peer, layout), peer,
-                        owner=f"vlcore ALIGN -> transformers {layout}")
+    full = state_dict_of(model)
+    peer = {k: v for k, v in full.items() if not k.startswith(_IGNORE)}
+    out = invert_links(align.state_dict() if tensors is None else tensors, _dual_links(peer, layout), peer,
+                       owner=f"vlcore ALIGN -> transformers {layout}")
+    return {**{k: v for k, v in full.items() if k.startswith(_IGNORE)}, **out}  # index buffers as they are
 
 
 to_clip_state_dict = to_siglip_state_dict = to_transformers_state_dict
