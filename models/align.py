@@ -20,6 +20,8 @@ Layouts (``ALIGNConfig.layout``, to run public dual-encoder checkpoints unchange
 
 ``act`` (``"gelu"``, ``"gelu_tanh"``, ``"quick_gelu"``; ``vit_act`` for the image tower when it differs) and
 ``eps`` (None: 1e-5 for clip, 1e-6 otherwise) set the MLP activation and the LayerNorm epsilon of the towers.
+``text_post_norm=True`` (paper layout) builds the text tower with BERT's post-norm layers (eps 1e-12), to start
+it from a BERT checkpoint (``vlcore pretrain --init-text``).
 
 Batch keys: ``image``, ``text``, ``text_mask``. Provides ``encode_image`` / ``encode_text`` (L2-normalised;
 retrieval and zero-shot heads), ``image_tokens`` (feature-map tokens for the captioning head) and
@@ -70,6 +72,9 @@ class ALIGNConfig:
     vit_act: str | None = None  # None: act (open_clip's SigLIP towers differ: timm's tanh GELU, exact in text)
     eps: float | None = None
     vit_mlp_ratio: float | None = None  # None: mlp_ratio (the towers of CLIP checkpoints may differ)
+    # BERT's post-norm text layers (LayerNorm eps 1e-12), to start the text tower from a BERT checkpoint
+    # (vlcore pretrain --init-text); layout "paper" only
+    text_post_norm: bool = False
 
     @property
     def layer_norm_eps(self) -> float:
@@ -114,9 +119,14 @@ class ALIGN(nn.Module):
         else:
             raise ValueError(f"{self.name}: image_tower must be 'efficientnet' or 'vit'; got {c.image_tower!r}")
         paper = c.layout == "paper"
+        if c.text_post_norm and not paper:
+            raise ValueError(f"{self.name}: text_post_norm=True (BERT's layers) needs layout='paper'; got "
+                             f"{c.layout!r}")
         self.text_encoder = TextEncoder(c.vocab_size, c.text_dim, c.text_depth, c.text_heads, c.max_text_len,
-                                        c.mlp_ratio, checkpoint=c.checkpoint, eps=eps, segments=2 if paper else 0,
-                                        embed_norm=paper, causal=clip, act=c.act)
+                                        c.mlp_ratio, checkpoint=c.checkpoint,
+                                        eps=1e-12 if c.text_post_norm and c.eps is None else eps,
+                                        segments=2 if paper else 0, embed_norm=paper, causal=clip, act=c.act,
+                                        post_norm=c.text_post_norm)
         self.text_proj = nn.Linear(c.text_dim, c.embed_dim, bias=not clip)
         self.contrastive = ContrastiveLoss(c.contrastive)
         init_weights(self.text_encoder)

@@ -183,3 +183,14 @@ def test_losses_on_two_gloo_ranks_give_open_clip_gradients():
         theirs_mean = sum(r[name, "theirs"][0] for r in results) / len(results)
         for r in results:
             torch.testing.assert_close(r[name, "ours"][0], theirs_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_apply_patches_the_timm_trunk_of_an_open_clip_siglip(monkeypatch):
+    from test_integrations_open_clip_dual import _tiny_siglip
+
+    model = _tiny_siglip()
+    image, text = torch.randn(2, 3, 32, 32), torch.randint(1, 50, (2, 9))
+    report, calls, _ = _patched_equals_unpatched(model, image, text, monkeypatch)
+    assert report.replaced["timm Attention"] == ["visual.trunk.blocks.0.attn", "visual.trunk.blocks.1.attn"]
+    assert len(report.replaced["ResidualAttentionBlock"]) == 2  # the bidirectional text tower
+    assert len(calls) == 4 and not any(kw.get("causal") for kw in calls)

@@ -159,12 +159,11 @@ def test_dual_encoder_round_trip_and_fine_tuned_weights_back(make):
     ours = from_peer(theirs).eval()
     original = theirs.state_dict()
     back = vtf.to_transformers_state_dict(ours, theirs)
-    assert back.keys() == {k for k in original if not k.endswith("position_ids")}
-    assert all(torch.equal(back[k], original[k]) for k in back)
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in back)
     with torch.no_grad():  # as fine-tuning would
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    theirs.load_state_dict(vtf.to_transformers_state_dict(ours, theirs), strict=False)
+    theirs.load_state_dict(vtf.to_transformers_state_dict(ours, theirs))
     text, mask = _texts()
     image = torch.randn(3, 3, 32, 32)
     out = theirs(input_ids=text, pixel_values=image, attention_mask=mask.long())
@@ -241,15 +240,21 @@ def test_apply_bert_left_padding_falls_back_to_transformers(monkeypatch):
 def test_apply_clip_and_siglip_attention(make, monkeypatch):
     model = make()
     text, mask = _texts()
-    image = torch.randn(2, 3, 32, 32)
+    image = torch.randn(3, 3, 32, 32)
 
     def run(m):
-        out = m(input_ids=text, pixel_values=image, attention_mask=mask.long())
-        return torch.cat([out.text_embeds.flatten(), out.image_embeds.flatten()])
+        out = m(input_ids=text, pixel_values=image, attention_mask=mask.long(), return_loss=True)
+        return torch.cat([out.text_embeds.flatten(), out.image_embeds.flatten(), out.loss.reshape(1)])
 
-    report, calls, _ = _patched_equals_unpatched(model, run, monkeypatch)
-    assert report.count == 4
+    import vlcore
+
+    losses = []
+    real_loss = vlcore.contrastive_loss
+    monkeypatch.setattr(vlcore, "contrastive_loss", lambda *a, **kw: losses.append(kw["kind"]) or real_loss(*a, **kw))
+    report, calls, patched = _patched_equals_unpatched(model, run, monkeypatch)
     clip = isinstance(model, transformers.CLIPModel)
+    assert report.count == 5 and report.replaced[f"{type(model).__name__} (loss)"] == ["<model>"]
+    assert losses == ["infonce" if clip else "siglip"]  # the patched loss ran on vlcore's op
     # text: causal for CLIP, padding as lengths in both; vision: bidirectional, no padding
     text_calls = [kw for kw in calls if kw["kv_lens"] is not None]
     assert len(calls) == 4 and len(text_calls) == 2
@@ -266,3 +271,18 @@ def test_patched_bert_compiles_in_one_graph():
     compiled = torch.compile(lambda i, m: bert(input_ids=i, attention_mask=m).last_hidden_state, fullgraph=True,
                              backend="eager")
     torch.testing.assert_close(compiled(ids, mask), bert(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+
+def test_patched_clip_with_its_loss_compiles_in_one_graph():
+    model = _tiny_clip()
+    vtf.apply(model)
+    text, mask = _texts()
+    image = torch.randn(3, 3, 32, 32)
+
+    def run(i, t, m):
+        out = model(input_ids=t, pixel_values=i, attention_mask=m, return_loss=True)
+        return out.loss, out.text_embeds
+
+    compiled = torch.compile(run, fullgraph=True, backend="eager")
+    for a, b in zip(compiled(image, text, mask.long()), run(image, text, mask.long()), strict=True):
+        torch.testing.assert_close(a, b)

@@ -158,6 +158,9 @@ def _pretrain_data_options(g, d) -> None:
                         "skip is counted by reason in the metrics and the summary)")
     g.add_argument("--init-vision", default=None, metavar="PATH",
                    help="initialise the vision tower from a local timm ViT / Swin checkpoint (file or folder)")
+    g.add_argument("--init-text", default=None, metavar="PATH",
+                   help="initialise the text tower from a local BERT checkpoint (file or folder; align / mural "
+                        "with --set text_post_norm=true)")
     g.add_argument("--plugin", action="append", metavar="MODULE",
                    help="import MODULE first (e.g. one that registers your models with vlcore.models.register)")
 

@@ -6,7 +6,8 @@ gets an ``attention`` that projects with the ``nn.MultiheadAttention``'s own wei
 ``causal=True``, never reading the mask tensor; CoCa's cross-attention too), and ``AttentionalPooler`` a
 ``forward`` with its queries shared by the batch. Inputs vlcore's op cannot express fall back to open_clip's
 path per call: a mask other than the tower's causal one (CoCa's [CLS] / padding masks, SigLIP-style padding
-masks), attention dropout while training, ``bias_k`` / ``add_zero_attn``.
+masks), attention dropout while training, ``bias_k`` / ``add_zero_attn``. A timm trunk (open_clip's SigLIP
+ViTs) is patched by :func:`vlcore.integrations.timm.apply` in the same call, into the same report.
 """
 
 from __future__ import annotations
@@ -112,4 +113,12 @@ def apply(model: nn.Module) -> PatchReport:
             module.vlcore_causal = True
             cls_name += " (causal)"
         report.add(cls_name, name)
+    for name, module in model.named_modules():  # timm trunks (TimmModel.trunk): timm's own patcher
+        if type(module).__name__ == "TimmModel" and hasattr(module, "trunk"):
+            from vlcore.integrations._timm_attention import apply as timm_apply
+
+            inner = timm_apply(module.trunk)
+            for cls, names in inner.replaced.items():
+                report.replaced.setdefault(f"timm {cls}", []).extend(f"{name}.trunk.{n}" for n in names)
+            report.skipped.update({f"{name}.trunk.{n}": why for n, why in inner.skipped.items()})
     return report

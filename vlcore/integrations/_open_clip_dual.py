@@ -85,9 +85,11 @@ def to_open_clip_dual_state_dict(align: nn.Module, model: nn.Module | Mapping[st
     """vlcore's dual encoder as a state dict of the open_clip ``model`` (or its state dict, for the key set);
     ``tensors``: other tensors keyed like ``align``'s state dict (its gradients) to move instead."""
     layout = _check_layout(align)
-    peer = {k: v for k, v in state_dict_of(model).items() if not k.startswith(_IGNORE)}
-    return invert_links(align.state_dict() if tensors is None else tensors, _links(peer), peer,
-                        owner=f"vlcore ALIGN -> open_clip {layout}")
+    full = state_dict_of(model)
+    peer = {k: v for k, v in full.items() if not k.startswith(_IGNORE)}
+    out = invert_links(align.state_dict() if tensors is None else tensors, _links(peer), peer,
+                       owner=f"vlcore ALIGN -> open_clip {layout}")
+    return {**{k: v for k, v in full.items() if k.startswith(_IGNORE)}, **out}  # mask buffers as they are
 
 
 def _act(mlp: nn.Module) -> str:

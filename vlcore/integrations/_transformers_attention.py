@@ -9,7 +9,8 @@ attention function passes them to :func:`vlcore.attention` (``causal`` from the 
 BERT decoders). Everything else runs transformers' SDPA path, per call: a mask that is not right padding
 (checked in eager mode; under ``torch.compile`` right padding is assumed, as BERT / CLIP tokenizers pad),
 sliding-window / custom / cached-offset masks, attention dropout while training, grouped K/V heads, and
-``output_attentions``.
+``output_attentions``. ``CLIPModel`` / ``SiglipModel`` also get their loss on vlcore's contrastive op
+(``_transformers_losses.py``).
 """
 
 from __future__ import annotations
@@ -78,8 +79,13 @@ def register() -> None:
 def apply(model: nn.Module) -> PatchReport:
     register()
     model.set_attn_implementation(NAME)
+    from vlcore.integrations._transformers_losses import PATCHES
+
     report = PatchReport()
     for name, module in model.named_modules():
+        if type(module) in PATCHES:
+            module.__class__ = PATCHES[type(module)]
+            report.add(f"{type(module).__mro__[2].__name__} (loss)", name or "<model>")
         cls = type(module).__name__
         if cls in KNOWN:
             report.add(cls, name)

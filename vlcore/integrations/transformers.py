@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from vlcore.integrations import _torchvision_compat
-from vlcore.integrations._mapping import Link, convert, convert_links, invert_links, state_dict_of
+from vlcore.integrations._bert import bert_state_dict  # noqa: F401  (public here; needs no transformers)
+from vlcore.integrations._mapping import Link, convert_links, invert_links, state_dict_of
 from vlcore.nn.text import TextEncoder
 
 _torchvision_compat.ensure()  # transformers' image utilities import torchvision when it is installed
@@ -42,55 +43,6 @@ def apply(model: nn.Module):
     from vlcore.integrations._transformers_attention import apply as _apply
 
     return _apply(model)
-
-
-_BERT_LAYER = {
-    "attention.output.dense": "attn.proj",
-    "attention.output.LayerNorm": "norm1",
-    "intermediate.dense": "mlp.fc1",
-    "output.dense": "mlp.fc2",
-    "output.LayerNorm": "norm2",
-}
-_BERT_EMBED = {
-    "word_embeddings": "tokens",
-    "position_embeddings": "positions",
-    "token_type_embeddings": "segments",
-    "LayerNorm": "norm",
-}
-
-
-def _fuse_qkv(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """BERT's separate query/key/value projections as one ``attention.self.qkv`` (vlcore's fused layout)."""
-    out = {}
-    for key, value in state.items():
-        m = re.fullmatch(r"(.*attention\.self\.)(query|key|value)\.(weight|bias)", key)
-        if m is None:
-            out[key] = value
-        elif m[2] == "query":
-            parts = [state.get(f"{m[1]}{name}.{m[3]}") for name in ("query", "key", "value")]
-            if any(p is None for p in parts):
-                raise KeyError(f"BERT -> vlcore TextEncoder: {key!r} comes without its key/value projections")
-            out[f"{m[1]}qkv.{m[3]}"] = torch.cat(parts, dim=0)
-    return out
-
-
-def _bert_key(key: str) -> str | None:
-    key = key.removeprefix("bert.")  # BertForPreTraining & co. keep the encoder under "bert."
-    m = re.fullmatch(r"embeddings\.(\w+)\.(weight|bias)", key)
-    if m and m[1] in _BERT_EMBED:
-        return f"embeddings.{_BERT_EMBED[m[1]]}.{m[2]}"
-    m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)", key)
-    if m and m[2] == "attention.self.qkv":
-        return f"blocks.layers.{m[1]}.attn.qkv.{m[3]}"
-    if m and m[2] in _BERT_LAYER:
-        return f"blocks.layers.{m[1]}.{_BERT_LAYER[m[2]]}.{m[3]}"
-    return None
-
-
-def bert_state_dict(bert: nn.Module | Mapping[str, torch.Tensor], text_encoder: TextEncoder) -> dict[str, torch.Tensor]:
-    """A ``BertModel``'s (or its state dict's) weights as a state dict of ``text_encoder``."""
-    return convert(_fuse_qkv(state_dict_of(bert)), _bert_key, text_encoder, owner="BERT -> vlcore TextEncoder",
-                   ignore=("pooler.", "bert.pooler.", "embeddings.position_ids", "embeddings.token_type_ids"))
 
 
 def text_encoder_from_bert(bert: nn.Module, **encoder_kwargs) -> TextEncoder:
@@ -197,9 +149,11 @@ def to_transformers_state_dict(align: nn.Module, model: nn.Module | Mapping[str,
     key set): the inverse of :func:`dual_encoder_state_dict`. ``tensors``: other tensors keyed like
     ``align``'s state dict (its gradients, say) to move instead of its weights."""
     layout = _layout(model, align)
-    peer = {k: v for k, v in state_dict_of(model).items() if not k.startswith(_IGNORE)}
-    return invert_links(align.state_dict() if tensors is None else tensors, _dual_links(peer, layout), peer,
-                        owner=f"vlcore ALIGN -> transformers {layout}")
+    full = state_dict_of(model)
+    peer = {k: v for k, v in full.items() if not k.startswith(_IGNORE)}
+    out = invert_links(align.state_dict() if tensors is None else tensors, _dual_links(peer, layout), peer,
+                       owner=f"vlcore ALIGN -> transformers {layout}")
+    return {**{k: v for k, v in full.items() if k.startswith(_IGNORE)}, **out}  # index buffers as they are
 
 
 to_clip_state_dict = to_siglip_state_dict = to_transformers_state_dict

@@ -4,7 +4,7 @@ from vlcore.nn.attention import KVCache, MultiheadAttention
 from vlcore.nn.contrastive import ContrastiveLoss
 from vlcore.nn.dictionary import VisualDictionary, mvm_mask
 from vlcore.nn.heads import BoxHead, MLMHead, MLPHead
-from vlcore.nn.pool import AttentionPool, MultiAttentionPool
+from vlcore.nn.pool import AttentionPool, MAPHead, MultiAttentionPool
 from vlcore.nn.resnet import ResNet
 from vlcore.nn.swin import SwinEncoder
 from vlcore.nn.text import TextEmbeddings, TextEncoder
@@ -21,6 +21,7 @@ __all__ = [
     "MLMHead",
     "MLP",
     "MLPHead",
+    "MAPHead",
     "MultiAttentionPool",
     "MultiheadAttention",
     "PatchEmbed",

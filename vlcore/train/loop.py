@@ -84,6 +84,7 @@ class TrainConfig:
     overrides: dict = field(default_factory=dict)
     quiet: bool = False
     init_vision: str | None = None  # local timm ViT / Swin checkpoint for the vision tower (fresh runs only)
+    init_text: str | None = None  # local BERT checkpoint for the text tower (fresh runs only)
     # vlcore finetune: the downstream task (vlcore/train/finetune.py), the run whose weights and tokenizer it
     # starts from (None: --model from scratch) and the held-out examples of its evaluation (0: the task's default)
     task: str | None = None
@@ -348,6 +349,12 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
         from vlcore.integrations.init import init_vision
 
         summary = init_vision(model, cfg.init_vision)
+        if info.is_main and not cfg.quiet:
+            print(summary, flush=True)
+    if cfg.init_text and resumed is None:
+        from vlcore.integrations.init import init_text
+
+        summary = init_text(model, cfg.init_text)
         if info.is_main and not cfg.quiet:
             print(summary, flush=True)
     model.to(device)
