@@ -276,7 +276,7 @@ def _modes(size):
 
 SUITE = Suite("attention", "Masked attention (PrefixLM, causal, full, padded)", x="N", cases=cases,
               providers=PROVIDERS, modes=_modes, flops=flops, along=("B",), summary=summary,
-              reps={"quick": 2, "cpu": 7, "gpu": 10}, warmup={"quick": 1, "cpu": 2, "gpu": 3})
+              reps={"quick": 2, "cpu": 7, "gpu": 10}, warmup={"quick": 1, "cpu": 1, "gpu": 3})
 
 
 def _add_args(parser):

@@ -147,7 +147,7 @@ PROVIDERS = {
 
 SUITE = Suite("contrastive", "Contrastive loss (one device, global batch B)", x="B", cases=cases,
               providers=PROVIDERS, modes=lambda size: ("fwd", "fwd_bwd") if size != "gpu" else ("fwd_bwd",),
-              reps={"quick": 3, "cpu": 5, "gpu": 10})
+              reps={"quick": 3, "cpu": 3, "gpu": 10}, warmup={"quick": 1, "cpu": 1, "gpu": 3})
 
 
 def main(argv=None):

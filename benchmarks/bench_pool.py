@@ -178,7 +178,7 @@ PROVIDERS = {
 
 SUITE = Suite("pool", "Attentional pooling (CoCa)", x="N", cases=cases, providers=PROVIDERS, flops=flops,
               bytes_moved=bytes_moved, modes=lambda size: ("fwd", "fwd_bwd") if size == "cpu" else harness.MODES,
-              reps={"quick": 2, "cpu": 5, "gpu": 10})
+              reps={"quick": 2, "cpu": 3, "gpu": 10}, warmup={"quick": 1, "cpu": 1, "gpu": 3})
 
 
 def _add_args(parser):

@@ -207,7 +207,7 @@ PROVIDERS = {
 SUITE = Suite("relpos", "Attention with a learnable 2-D relative position table", x="N", cases=cases,
               providers=PROVIDERS, flops=flops, derived=lambda case: {"N": _n(case)}, along=("gh", "gw", "B"),
               modes=lambda size: ("fwd", "fwd_bwd") if size == "cpu" else harness.MODES,
-              reps={"quick": 2, "cpu": 5, "gpu": 10})
+              reps={"quick": 2, "cpu": 3, "gpu": 10}, warmup={"quick": 1, "cpu": 1, "gpu": 3})
 
 
 def _add_args(parser):

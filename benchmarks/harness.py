@@ -414,8 +414,9 @@ def plot(rows, x, path, title, along: Sequence[str] = ()):
                 ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, fontsize=8)
     for ax in axes.flat[2 * len(groups):]:
         ax.set_visible(False)
-    handles = [plt.Line2D([], [], color=colors[p], marker=markers[i % 11], label=p) for i, p in enumerate(providers)]
-    fig.legend(handles=handles, loc="outside upper center", ncol=min(len(providers), 4), fontsize=8)
+    shown = [p for p in providers if any(r["provider"] == p and not math.isnan(r["min_ms"]) for r in rows)]
+    handles = [plt.Line2D([], [], color=colors[p], marker=markers[providers.index(p) % 11], label=p) for p in shown]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(shown), 5), fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=100)
     plt.close(fig)
