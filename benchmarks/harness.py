@@ -293,7 +293,7 @@ def _print_row(row: dict[str, Any]) -> None:
 def versions() -> dict[str, Any]:
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": device_name(), "torch": torch.__version__, "python": platform.python_version(),
-            "cuda": torch.version.cuda}
+            "cuda": torch.version.cuda, "threads": torch.get_num_threads(), "cpu": _cpu_model()}
     try:
         import triton
 
@@ -304,6 +304,14 @@ def versions() -> dict[str, Any]:
 
     info["vlcore"] = vlcore.__version__
     return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
