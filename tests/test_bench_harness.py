@@ -155,3 +155,16 @@ def test_pytest_benchmark_run_saves_json_tables_and_compares(tmp_path):
     second = subprocess.run(cmd + ["--benchmark-compare"], cwd=root, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert "0001_" in second.stdout + second.stderr  # it compared with the first run
+
+
+def test_run_all_pytest_mode_runs_one_pytest_benchmark_session(monkeypatch, tmp_path):
+    from benchmarks import run_all
+
+    calls = []
+    monkeypatch.setattr(run_all.subprocess, "call", lambda cmd, cwd=None: calls.append(cmd) or 0)
+    assert run_all.main(["--pytest", "--quick", "--only", "attention,vq,resources", "--out", str(tmp_path)]) == 0
+    session, resources = calls
+    assert session[1:3] == ["-m", "pytest"] and "--benchmark-only" in session
+    assert session[session.index("-k") + 1] == "attention- or vq-"
+    assert session[session.index("--bench-size") + 1] == "quick" and str(tmp_path) in session
+    assert resources[1].endswith("kernel_resources.py")
