@@ -1,27 +1,36 @@
 """Masked attention (PrefixLM, causal, full, padded) forward/backward: vlcore vs SDPA, FlexAttention, xformers.
 
     python benchmarks/bench_attention.py            # GPU: B·N = 16k tokens, N 512-8192, H·D 1024/2048, D 64/128, bf16
+                                                    # CPU: B 4, H 8, D 64, N 128/256/512, fp32, 2 threads
     python benchmarks/bench_attention.py --quick    # tiny CPU smoke run (Triton interpreter, reference, SDPA math)
     python benchmarks/bench_attention.py --kinds prefix,causal --n 2048,4096
+    pytest benchmarks/ --benchmark-only -k attention   # the same cases under pytest-benchmark
 
 Cases: ``prefix`` (PrefixLM, random per-sample prefix lengths in [0, N]), ``causal``, ``full``, ``padded`` (random
 per-sample kv lengths in [N/2, N]). Providers:
   vlcore-triton            vlcore.attention(..., backend="triton"): masks as parameters, no mask tensor
+  vlcore-cpu               vlcore.attention(..., backend="cpu"): SDPA's CPU kernels, mask built once per call
   vlcore-reference         the PyTorch reference (materialises (B, H, N, N) scores; small cases only)
+  sdpa (dense mask)        F.scaled_dot_product_attention with torch's own kernel choice and a boolean (B, 1, N, N)
+                           mask built every call (is_causal for causal): what a user writes (the CPU target's peer)
   sdpa-flash / sdpa-efficient / sdpa-cudnn / sdpa-math
                            F.scaled_dot_product_attention restricted to that backend: is_causal for causal, nothing
                            for full, an explicit boolean (B, 1, N, N) mask for prefix/padded (built every call, as
                            per-batch lengths require); a backend that refuses the case is reported, not dropped
   flex (+block mask)       torch.compile'd flex_attention with create_block_mask rebuilt for every batch (counted)
-  flex (cached mask)       the same with the block mask built once outside the timing
+  flex (cached mask)       the same with the block mask built once outside the timing; on CPU forward only
+                           (FlexAttention has no CPU backward) and at the CPU target shape only (each shape
+                           compiles C++ for ~50 s on 2 cores)
   xformers                 memory_efficient_attention (LowerTriangularMask for causal, a dense bias otherwise)
 TFLOP/s counts only the unmasked FLOPs (4·D per visible (query, key) pair forward, 2.5× that backward).
 Targets (ANCHORS.md, issue 3, H100 bf16): PrefixLM fwd+bwd ≥ 1.2× flex (+block mask); causal fwd+bwd ≥ 0.9×
 sdpa-flash; forward ≥ 50 % of dense bf16 peak at D = 128, N ≥ 4096; peak memory linear in N.
+CPU target (issue 19): PrefixLM B 4, N 256, H 8, D 64, fp32 fwd+bwd, 2 threads: vlcore-cpu ≥ 1.0× sdpa (dense mask).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -34,7 +43,8 @@ if "--quick" in sys.argv and not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import DTYPES, Bench, Unsupported, arg_parser, default_device, finish, select_providers, sweep  # noqa: E402
+import harness  # noqa: E402
+from harness import DTYPES, Bench, Suite, Unsupported, default_device  # noqa: E402
 
 import vlcore  # noqa: E402
 from vlcore import dispatch  # noqa: E402
@@ -108,23 +118,33 @@ def _bool_mask(case, device):
     return ref.visibility_mask(case["B"], case["N"], case["N"], device, prefix_lens=prefix, kv_lens=kv)[:, None]
 
 
-def _sdpa(backend_name):
+def _sdpa(backend_name: str | None):
+    """SDPA restricted to one backend (None: torch's own choice); prefix/padded masks built every call."""
     def factory(case):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        backend = getattr(SDPBackend, backend_name)
+        def restrict():
+            return contextlib.nullcontext() if backend_name is None else sdpa_kernel(getattr(SDPBackend, backend_name))
+
         q, k, v = _inputs(case)
         device = q.device
         kind = case["kind"]
+        if device.type == "cpu" and backend_name in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+            raise Unsupported(f"SDPA's {backend_name.lower()} backend runs on CUDA only")
+        if backend_name == "MATH" and case["B"] * case["H"] * case["N"] ** 2 > 2**28:
+            raise Unsupported("SDPA's math backend would materialise (B, H, N, N) scores of more than 2^28 elements")
 
         def run():
             mask = _bool_mask(case, device) if kind in ("prefix", "padded") else None
-            with sdpa_kernel(backend):
+            with restrict():
                 out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                      attn_mask=mask, is_causal=kind == "causal")
             return out.transpose(1, 2)
 
-        run()  # raises here (recorded as the row's note) when this backend refuses the case
+        try:
+            run()
+        except RuntimeError as e:  # this backend refuses the case (no kernel for it): a refusal, not an error
+            raise Unsupported(f"SDPA {backend_name}: {str(e).splitlines()[0][:200]}") from None
         return Bench(fwd=run, inputs=[q, k, v])
     return factory
 
@@ -138,10 +158,16 @@ def _flex(rebuild_mask: bool):
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         except ImportError as e:
             raise Unsupported(f"FlexAttention is not available ({e})") from None
+        on_cpu = default_device().type == "cpu"
+        if on_cpu and any(case.get(k) != v for k, v in TARGET.items()):
+            raise Unsupported("on CPU FlexAttention runs at the target shape (prefix, B 4, N 256, H 8, D 64, fp32) "
+                              "only: ~50 s of C++ compilation per shape on 2 cores")
         if "fn" not in _FLEX:
             _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
         flex = _FLEX["fn"]
         q, k, v = _inputs(case)
+        if on_cpu:  # FlexAttention refuses inputs that require grad on CPU: forward only
+            q, k, v = (t.detach() for t in (q, k, v))
         device = q.device
         prefix, kv = _lengths(case, device)
         kind, b, n = case["kind"], case["B"], case["N"]
@@ -166,7 +192,8 @@ def _flex(rebuild_mask: bool):
             out = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=state["mask"])
             return out.transpose(1, 2)
 
-        return Bench(fwd=run, inputs=[q, k, v], setup=setup)
+        return Bench(fwd=run, inputs=[] if on_cpu else [q, k, v], setup=setup,
+                     no_backward="FlexAttention does not support backward on CPU" if on_cpu else "")
     return factory
 
 
@@ -194,43 +221,81 @@ def _xformers(case):
     return Bench(fwd=run, inputs=[q, k, v])
 
 
-def cases(args):
-    kinds = args.kinds.split(",") if args.kinds else KINDS
-    if args.quick:
+def cases(size, opts):
+    kinds = opts["kinds"].split(",") if opts.get("kinds") else KINDS
+    if size == "quick":
         return [{"kind": kind, "B": 2, "N": 64, "H": 2, "D": 32, "dtype": "fp32"} for kind in kinds]
-    ns = [int(x) for x in args.n.split(",")] if args.n else [512, 1024, 2048, 4096, 8192]
+    if size == "cpu":  # the issue-19 shape (B 4, N 256, H 8, D 64, fp32) and its neighbours in N
+        ns = [int(x) for x in opts["n"].split(",")] if opts.get("n") else [128, 256, 512]
+        kinds = opts["kinds"].split(",") if opts.get("kinds") else ("prefix", "causal")
+        return [{"kind": kind, "B": 4, "N": n, "H": 8, "D": 64, "dtype": opts.get("dtype") or "fp32"}
+                for kind in kinds for n in ns]
+    ns = [int(x) for x in opts["n"].split(",")] if opts.get("n") else [512, 1024, 2048, 4096, 8192]
     out = []
     for kind in kinds:
         for h, d in ((16, 64), (8, 128), (32, 64), (16, 128)):  # H·D = 1024, 1024, 2048, 2048
             for n in ns:
-                out.append({"kind": kind, "B": max(16384 // n, 1), "N": n, "H": h, "D": d, "dtype": args.dtype})
+                out.append({"kind": kind, "B": max(16384 // n, 1), "N": n, "H": h, "D": d,
+                            "dtype": opts.get("dtype") or "bf16"})
     return out
 
 
-def main(argv=None):
-    parser = arg_parser(__doc__.splitlines()[0])
+PROVIDERS = {
+    "vlcore-triton": _vlcore(dispatch.TRITON),
+    "vlcore-cpu": _vlcore(dispatch.CPU),
+    "vlcore-reference": _vlcore(dispatch.REFERENCE),
+    "sdpa (dense mask)": _sdpa(None),
+    "sdpa-flash": _sdpa("FLASH_ATTENTION"),
+    "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
+    "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
+    "sdpa-math": _sdpa("MATH"),
+    "flex (+block mask)": _flex(rebuild_mask=True),
+    "flex (cached mask)": _flex(rebuild_mask=False),
+    "xformers": _xformers,
+}
+TARGET = {"kind": "prefix", "B": 4, "N": 256, "H": 8, "D": 64, "dtype": "fp32"}
+
+
+def summary(rows):
+    """The CPU target's ratio: sdpa (dense mask) time / vlcore-cpu time at the target shape, min of repeats."""
+    lines = []
+    for mode in ("fwd", "fwd_bwd"):
+        pick = {r["provider"]: r["min_ms"] for r in rows if r["mode"] == mode and r["provider"] in
+                ("vlcore-cpu", "sdpa (dense mask)") and all(r.get(k) == v for k, v in TARGET.items())}
+        if len(pick) == 2 and pick["vlcore-cpu"] > 0:
+            lines.append(f"- {mode}: sdpa (dense mask) {pick['sdpa (dense mask)']:.2f} ms / vlcore-cpu "
+                         f"{pick['vlcore-cpu']:.2f} ms = **{pick['sdpa (dense mask)'] / pick['vlcore-cpu']:.2f}×**")
+    if not lines:
+        return ""
+    return "CPU target (issue 19: PrefixLM B 4, N 256, H 8, D 64, fp32; ≥ 1.0×), min of repeats:\n" + "\n".join(lines)
+
+
+def _modes(size):
+    return ("fwd", "fwd_bwd") if size == "cpu" else harness.MODES
+
+
+SUITE = Suite("attention", "Masked attention (PrefixLM, causal, full, padded)", x="N", cases=cases,
+              providers=PROVIDERS, modes=_modes, flops=flops, along=("B",), summary=summary,
+              reps={"quick": 2, "cpu": 5, "gpu": 10}, warmup={"quick": 1, "cpu": 1, "gpu": 3})
+
+
+def _add_args(parser):
     parser.add_argument("--kinds", default="", help=f"comma-separated subset of {','.join(KINDS)}")
     parser.add_argument("--n", default="", help="comma-separated sequence lengths")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    args = parser.parse_args(argv)
-    providers = {
-        "vlcore-triton": _vlcore(dispatch.TRITON),
-        "vlcore-reference": _vlcore(dispatch.REFERENCE),
-        "sdpa-flash": _sdpa("FLASH_ATTENTION"),
-        "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
-        "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
-        "flex (+block mask)": _flex(rebuild_mask=True),
-        "flex (cached mask)": _flex(rebuild_mask=False),
-        "xformers": _xformers,
-    }
-    if args.quick:
-        providers["sdpa-math"] = _sdpa("MATH")
-        if not torch.cuda.is_available():  # FlexAttention needs torch.compile with a C++ toolchain on CPU: skip
-            providers = {k: p for k, p in providers.items() if not k.startswith("flex")}
-    providers = select_providers(providers, args.providers)
-    rows = sweep("attention", cases(args), providers, flops=flops, reps=2 if args.quick else 10,
-                 warmup=1 if args.quick else 3)
-    finish(args, "attention", rows, x="N", title="Masked attention (PrefixLM, causal, full, padded)")
+    parser.add_argument("--dtype", default="", choices=["", *sorted(DTYPES)], help="default bf16 (gpu), fp32 (cpu)")
+
+
+def main(argv=None):
+    if "--quick" in (argv if argv is not None else sys.argv) and not torch.cuda.is_available():
+        for name in ("flex (+block mask)", "flex (cached mask)"):  # C++ compilation: too slow for a smoke run
+            PROVIDERS[name] = _skip("FlexAttention compiles C++ on CPU: not in the quick smoke run")
+    harness.main(SUITE, argv, _add_args)
+
+
+def _skip(reason):
+    def factory(case):
+        raise Unsupported(reason)
+    return factory
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
     python benchmarks/bench_contrastive.py            # GPU: global batch 4k-64k, D 512-1024, bf16 and fp32
     python benchmarks/bench_contrastive.py --quick    # tiny CPU smoke run (reference + open_clip math)
+    python benchmarks/bench_contrastive.py --size cpu # CPU sizes: B 1k and 4k, D 512, fp32 (the default without CUDA)
 
 One GPU holds the whole (simulated all-gathered) batch B: image and text embeddings (B, D), L2-normalised,
 with learnable logit scale (and SigLIP bias), as a trainer calls the loss. Providers:
-  vlcore-triton, vlcore-cuda, vlcore-reference   vlcore.contrastive_loss with that backend
+  vlcore-triton, vlcore-cuda, vlcore-cpu, vlcore-reference   vlcore.contrastive_loss with that backend
   open_clip                    open_clip.loss.ClipLoss / SigLipLoss when the package is importable;
   open_clip-math (reimpl.)     otherwise a faithful reimplementation of their single-process math, named so:
                                logits = s·x·yᵀ (both directions materialised, as ClipLoss), cross-entropies;
@@ -25,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import DTYPES, Bench, Unsupported, arg_parser, default_device, finish, select_providers, sweep  # noqa: E402
+import harness  # noqa: E402
+from harness import DTYPES, Bench, Suite, Unsupported, default_device  # noqa: E402
 
 import vlcore  # noqa: E402
 from vlcore import dispatch  # noqa: E402
@@ -56,8 +58,9 @@ def _vlcore(backend):
 
 
 def _open_clip_loss(kind):
+    import vlcore.integrations  # noqa: F401  (torchvision, which open_clip imports, beside a CPU-only torch)
+
     try:
-        import vlcore.integrations  # noqa: F401  (torchvision, which open_clip imports, beside a CPU-only torch)
         from open_clip.loss import ClipLoss, SigLipLoss
     except ImportError:
         return None
@@ -119,9 +122,11 @@ def _single_rank_group():
         dist.init_process_group("nccl", rank=0, world_size=1)
 
 
-def cases(quick: bool):
-    if quick:
+def cases(size, opts):
+    if size == "quick":
         return [{"kind": k, "B": b, "D": 32, "dtype": "fp32"} for k in ("infonce", "siglip") for b in (64, 128)]
+    if size == "cpu":
+        return [{"kind": k, "B": b, "D": 512, "dtype": "fp32"} for k in ("infonce", "siglip") for b in (1024, 4096)]
     out = []
     for kind in ("infonce", "siglip"):
         for dtype in ("bf16", "fp32"):
@@ -130,21 +135,23 @@ def cases(quick: bool):
     return out
 
 
+PROVIDERS = {
+    "vlcore-triton": _vlcore("triton"),
+    "vlcore-cuda": _vlcore("cuda"),
+    "vlcore-cpu": _vlcore("cpu"),
+    "vlcore-reference": _vlcore("reference"),
+    "open_clip": _open_clip,
+    "open_clip-math (reimpl.)": _open_clip_math,
+    "inf_cl": _inf_cl,
+}
+
+SUITE = Suite("contrastive", "Contrastive loss (one device, global batch B)", x="B", cases=cases,
+              providers=PROVIDERS, modes=lambda size: ("fwd", "fwd_bwd") if size != "gpu" else ("fwd_bwd",),
+              reps={"quick": 3, "cpu": 3, "gpu": 10}, warmup={"quick": 1, "cpu": 1, "gpu": 3})
+
+
 def main(argv=None):
-    args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
-    providers = {
-        "vlcore-triton": _vlcore("triton"),
-        "vlcore-cuda": _vlcore("cuda"),
-        "open_clip": _open_clip,
-        "open_clip-math (reimpl.)": _open_clip_math,
-        "inf_cl": _inf_cl,
-    }
-    if args.quick:
-        providers["vlcore-reference"] = _vlcore("reference")
-    providers = select_providers(providers, args.providers)
-    rows = sweep("contrastive", cases(args.quick), providers, modes=("fwd_bwd",) if not args.quick else ("fwd", "fwd_bwd"),
-                 reps=3 if args.quick else 10)
-    finish(args, "contrastive", rows, x="B", title="Contrastive loss fwd+bwd (one GPU, global batch B)")
+    harness.main(SUITE, argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_pool.py            # GPU: n_query 1 / 256 / 256+1, context 196-1024, width 768-1408, bf16
     python benchmarks/bench_pool.py --quick    # tiny CPU smoke run (Triton interpreter, reference, open_clip-style)
+    python benchmarks/bench_pool.py --size cpu # CPU sizes: B 8, N 196/576, width 768, fp32 (default without CUDA)
 
 Two kinds of work:
   ``attention``  the attention alone on projected q (one shared query set), k, v (B, N, H, 64): vlcore.attention
@@ -11,7 +12,7 @@ Two kinds of work:
   ``module``     the whole pooler forward (+ backward): vlcore.nn.MultiAttentionPool (one launch for all query sets,
                  context LayerNorm and K/V projection shared) vs open_clip's AttentionalPooler (LayerNorm +
                  nn.MultiheadAttention -> SDPA), one module per query set as open_clip's CoCa has.
-Providers: vlcore-triton, vlcore-reference, open_clip (when importable) or open_clip-style (reimpl.), sdpa
+Providers: vlcore-triton, vlcore-cpu, vlcore-reference, open_clip (when importable) or open_clip-style (reimpl.), sdpa
 (attention work only). Target (ANCHORS.md, issue 4, H100 bf16): n_query = 256 module >= 1.3x open_clip's.
 """
 
@@ -30,7 +31,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import DTYPES, Bench, Unsupported, arg_parser, default_device, finish, select_providers, sweep  # noqa: E402
+import harness  # noqa: E402
+from harness import DTYPES, Bench, Suite, Unsupported, default_device  # noqa: E402
 
 import vlcore  # noqa: E402
 from vlcore import dispatch  # noqa: E402
@@ -148,34 +150,43 @@ def _sdpa(case):
     return Bench(fwd=run, inputs=[q, k, v])
 
 
-def cases(args):
-    if args.quick:
+def cases(size, opts):
+    if size == "quick":
         return [{"work": w, "n_query": nq, "B": 2, "N": 40, "width": 128, "dtype": "fp32"}
                 for w in ("attention", "module") for nq in ("1", "6+1")]
+    if size == "cpu":
+        return [{"work": w, "n_query": nq, "B": 8, "N": n, "width": 768, "dtype": opts.get("dtype") or "fp32"}
+                for w in ("attention", "module") for nq in ("1", "256+1") for n in (196, 576)]
     out = []
     for work in ("attention", "module"):
         for nq in ("1", "256", "256+1"):
             for n in (196, 576, 1024):
                 for width in (768, 1408):
-                    out.append({"work": work, "n_query": nq, "B": 128, "N": n, "width": width, "dtype": args.dtype})
+                    out.append({"work": work, "n_query": nq, "B": 128, "N": n, "width": width,
+                                "dtype": opts.get("dtype") or "bf16"})
     return out
 
 
+PROVIDERS = {
+    "vlcore-triton": _vlcore(dispatch.TRITON),
+    "vlcore-cpu": _vlcore(dispatch.CPU),
+    "vlcore-reference": _vlcore(dispatch.REFERENCE),
+    "open_clip": _open_clip(reimplemented=False),
+    "open_clip-style (reimpl.)": _open_clip(reimplemented=True),
+    "sdpa": _sdpa,
+}
+
+SUITE = Suite("pool", "Attentional pooling (CoCa)", x="N", cases=cases, providers=PROVIDERS, flops=flops,
+              bytes_moved=bytes_moved, modes=lambda size: ("fwd", "fwd_bwd") if size == "cpu" else harness.MODES,
+              reps={"quick": 2, "cpu": 3, "gpu": 10}, warmup={"quick": 1, "cpu": 1, "gpu": 3})
+
+
+def _add_args(parser):
+    parser.add_argument("--dtype", default="", choices=["", *sorted(DTYPES)], help="default bf16 (gpu), fp32 (cpu)")
+
+
 def main(argv=None):
-    parser = arg_parser(__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    args = parser.parse_args(argv)
-    providers = {
-        "vlcore-triton": _vlcore(dispatch.TRITON),
-        "vlcore-reference": _vlcore(dispatch.REFERENCE),
-        "open_clip": _open_clip(reimplemented=False),
-        "open_clip-style (reimpl.)": _open_clip(reimplemented=True),
-        "sdpa": _sdpa,
-    }
-    providers = select_providers(providers, args.providers)
-    rows = sweep("pool", cases(args), providers, flops=flops, bytes_moved=bytes_moved,
-                 reps=2 if args.quick else 10, warmup=1 if args.quick else 3)
-    finish(args, "pool", rows, x="N", title="Attentional pooling (CoCa)")
+    harness.main(SUITE, argv, _add_args)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 
     python benchmarks/bench_relpos.py            # GPU: grids 14², 16², 24², 32², with and without text, bf16
     python benchmarks/bench_relpos.py --quick    # tiny CPU smoke run (Triton interpreter, reference, dense + SDPA)
+    python benchmarks/bench_relpos.py --size cpu # CPU sizes: grids 7² and 14², H 8, D 64, fp32 (default without CUDA)
 
 The image grid comes first, then ``text`` tokens; with text, a PrefixLM mask (SimVLM encoder: image + a random
 per-sample text prefix bidirectional, the rest causal). The table ((2gh−1)(2gw−1), H) receives a gradient in
 ``bwd``/``fwd_bwd``. Providers:
   vlcore-triton          vlcore.attention(rel_pos_table=...): the table is read inside the kernel, dtable summed
                          deterministically, no N×N tensor
+  vlcore-cpu             vlcore.attention(..., backend="cpu"): the table gathered once per call, SDPA's CPU kernels
   vlcore-reference       the PyTorch reference (small cases only)
   timm-dense+sdpa        timm/Swin: table[relative_position_index] gathered into a dense (H, N, N) bias every step
                          (+ the prefix mask as −inf), F.scaled_dot_product_attention(attn_mask=bias); the table's
@@ -33,7 +35,8 @@ if "--quick" in sys.argv and not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import DTYPES, Bench, Unsupported, arg_parser, default_device, finish, select_providers, sweep  # noqa: E402
+import harness  # noqa: E402
+from harness import DTYPES, Bench, Suite, Unsupported, default_device  # noqa: E402
 
 import vlcore  # noqa: E402
 from vlcore import dispatch  # noqa: E402
@@ -140,6 +143,9 @@ _FLEX = {}
 
 
 def _flex(case):
+    if default_device().type == "cpu":
+        raise Unsupported("FlexAttention has no CPU backward and score_mod's table needs one; the forward alone "
+                          "compiles C++ for ~50 s per shape on 2 cores")
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as e:
@@ -175,37 +181,41 @@ def _flex(case):
     return Bench(fwd=run, inputs=[q, k, v, table], setup=setup)
 
 
-def cases(args):
-    if args.quick:
+def cases(size, opts):
+    if size == "quick":
         return [{"gh": 3, "gw": 5, "text": t, "B": 2, "H": 2, "D": 32, "dtype": "fp32"} for t in (0, 9)]
+    sides, dtype = ((7, 14), opts.get("dtype") or "fp32") if size == "cpu" else ((14, 16, 24, 32), opts.get("dtype") or "bf16")
+    tokens = 2048 if size == "cpu" else 16384
     out = []
-    for side in (14, 16, 24, 32):
-        for text in (0, 64):
+    for text in (0, 64):
+        for side in sides:
             n = side * side + text
-            out.append({"gh": side, "gw": side, "text": text, "B": max(16384 // n, 1), "H": 12, "D": 64,
-                        "dtype": args.dtype})
+            out.append({"gh": side, "gw": side, "text": text, "B": max(tokens // n, 1), "H": 8 if size == "cpu" else 12,
+                        "D": 64, "dtype": dtype})
     return out
 
 
+PROVIDERS = {
+    "vlcore-triton": _vlcore(dispatch.TRITON),
+    "vlcore-cpu": _vlcore(dispatch.CPU),
+    "vlcore-reference": _vlcore(dispatch.REFERENCE),
+    "timm-dense+sdpa": _dense_sdpa,
+    "flex-score_mod": _flex,
+    "xformers-dense": _xformers_dense,
+}
+
+SUITE = Suite("relpos", "Attention with a learnable 2-D relative position table", x="N", cases=cases,
+              providers=PROVIDERS, flops=flops, derived=lambda case: {"N": _n(case)}, along=("gh", "gw", "B"),
+              modes=lambda size: ("fwd", "fwd_bwd") if size == "cpu" else harness.MODES,
+              reps={"quick": 2, "cpu": 3, "gpu": 10}, warmup={"quick": 1, "cpu": 1, "gpu": 3})
+
+
+def _add_args(parser):
+    parser.add_argument("--dtype", default="", choices=["", *sorted(DTYPES)], help="default bf16 (gpu), fp32 (cpu)")
+
+
 def main(argv=None):
-    parser = arg_parser(__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    args = parser.parse_args(argv)
-    providers = {
-        "vlcore-triton": _vlcore(dispatch.TRITON),
-        "vlcore-reference": _vlcore(dispatch.REFERENCE),
-        "timm-dense+sdpa": _dense_sdpa,
-        "flex-score_mod": _flex,
-        "xformers-dense": _xformers_dense,
-    }
-    if args.quick and not torch.cuda.is_available():  # FlexAttention needs torch.compile with a C++ toolchain
-        providers.pop("flex-score_mod")
-    providers = select_providers(providers, args.providers)
-    rows = sweep("relpos", cases(args), providers, flops=flops, reps=2 if args.quick else 10,
-                 warmup=1 if args.quick else 3)
-    for row in rows:
-        row["N"] = row["gh"] * row["gw"] + row["text"]
-    finish(args, "relpos", rows, x="N", title="Attention with a learnable 2-D relative position table")
+    harness.main(SUITE, argv, _add_args)
 
 
 if __name__ == "__main__":

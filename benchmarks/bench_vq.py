@@ -2,12 +2,13 @@
 
     python benchmarks/bench_vq.py            # GPU: N 10k-262k, K 512-8192, D 256-1024, bf16 (and fp32 at the target)
     python benchmarks/bench_vq.py --quick    # tiny CPU smoke run
+    python benchmarks/bench_vq.py --size cpu # CPU sizes: N 4k-16k, K 1024, D 256, fp32 (the default without CUDA)
 
 ``work="assign"`` times the nearest-entry search (and the quantized output where the provider builds it);
 ``work="assign+update"`` one training step of the dictionary: assignment, per-entry statistics, EMA with Laplace
 smoothing and the new codebook (one process: no all_reduce; dead-entry restart disabled, as SOHO has none).
 Providers:
-  vlcore-triton, vlcore-cuda, vlcore-reference   vlcore.vq_nearest / vlcore.nn.VisualDictionary with that backend
+  vlcore-triton, vlcore-cuda, vlcore-cpu, vlcore-reference   vlcore.vq_nearest / vlcore.nn.VisualDictionary with that backend
   soho-style (reimpl.)     SOHO's released SOHO_Pre_VD.forward, reimplemented faithfully and named so: the full
                            N x K distance matrix ||x||^2 + ||e||^2 - 2 x e^T, argmin, a dense N x K one-hot, counts
                            and sums as one-hot reductions/matmuls, EMA + Laplace smoothing, quantize = one-hot @ e.
@@ -26,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import DTYPES, Bench, Unsupported, arg_parser, default_device, finish, select_providers, sweep  # noqa: E402
+import harness  # noqa: E402
+from harness import DTYPES, Bench, Suite, Unsupported, default_device  # noqa: E402
 
 import vlcore  # noqa: E402
 from vlcore import dispatch  # noqa: E402
@@ -119,10 +121,13 @@ def _faiss(case):
     return Bench(fwd=lambda: index.search(xs, 1))
 
 
-def cases(quick: bool):
-    if quick:
+def cases(size, opts):
+    if size == "quick":
         return [{"work": w, "N": n, "K": 64, "D": 32, "dtype": "fp32"} for w in ("assign", "assign+update")
                 for n in (256, 1024)]
+    if size == "cpu":
+        return [{"work": w, "N": n, "K": 1024, "D": 256, "dtype": "fp32"} for w in ("assign", "assign+update")
+                for n in (4096, 16384)]
     out = []
     for work in ("assign", "assign+update"):
         out += [{"work": work, "N": n, "K": 2048, "D": 768, "dtype": "bf16"} for n in (10240, 65536, 262144)]
@@ -132,19 +137,22 @@ def cases(quick: bool):
     return out
 
 
+PROVIDERS = {
+    "vlcore-triton": _vlcore("triton"),
+    "vlcore-cuda": _vlcore("cuda"),
+    "vlcore-cpu": _vlcore("cpu"),
+    "vlcore-reference": _vlcore("reference"),
+    "soho-style (reimpl.)": _soho_style,
+    "torch-cdist (reimpl.)": _torch_cdist,
+    "faiss-cpu": _faiss,
+}
+
+SUITE = Suite("vq", "Visual dictionary: assignment (+ momentum update)", x="N", cases=cases, providers=PROVIDERS,
+              modes=lambda size: ("fwd",), reps={"quick": 3, "cpu": 3, "gpu": 10}, warmup={"quick": 1, "cpu": 1, "gpu": 3})
+
+
 def main(argv=None):
-    args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
-    providers = {
-        "vlcore-triton": _vlcore("triton"),
-        "vlcore-cuda": _vlcore("cuda"),
-        "vlcore-reference": _vlcore("reference"),
-        "soho-style (reimpl.)": _soho_style,
-        "torch-cdist (reimpl.)": _torch_cdist,
-        "faiss-cpu": _faiss,
-    }
-    providers = select_providers(providers, args.providers)
-    rows = sweep("vq", cases(args.quick), providers, modes=("fwd",), reps=3 if args.quick else 10)
-    finish(args, "vq", rows, x="N", title="Visual dictionary: assignment (+ momentum update)")
+    harness.main(SUITE, argv)
 
 
 if __name__ == "__main__":
