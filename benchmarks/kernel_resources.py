@@ -215,8 +215,18 @@ class Report:
         return [r for r in self.rows if r["default"] and r["problem"]]
 
 
-def collect(providers=DEFAULT_PROVIDERS, quick: bool = False):
-    """(provider, index, variant) for every variant to compile, and the modules that could not provide any."""
+def variant_text(kernel, dtype, dim, flags) -> str:
+    """What ``--only`` patterns match: e.g. "attention.fwd fp32 D=128 [prefix,kvlen,bias]"."""
+    return f"{kernel} {dtype} D={dim} [{flags}]"
+
+
+def selected(text: str, only) -> bool:
+    return not only or any(re.search(pattern, text) for pattern in only)
+
+
+def collect(providers=DEFAULT_PROVIDERS, quick: bool = False, only=()):
+    """(provider, index, variant) for every variant to compile (those matching a pattern of ``only``, when given),
+    and the modules that could not provide any."""
     jobs, missing = [], []
     for provider in providers:
         module, _, attr = provider.partition(":")
@@ -229,7 +239,9 @@ def collect(providers=DEFAULT_PROVIDERS, quick: bool = False):
             missing.append(f"{module}: no {attr or 'static_variants'}() (its configs are not in this report)")
             continue
         for index, variant in enumerate(_load(provider)):
-            if variant.default or not quick:
+            text = variant_text(variant.kernel, variant.dtype, "" if variant.dim is None else variant.dim,
+                                variant.flags)
+            if (variant.default or not quick) and selected(text, only):
                 jobs.append((provider, index, variant))
     return jobs, missing
 
@@ -265,8 +277,8 @@ def _run_jobs(work, jobs: int | None, cache_dir: str | None, deadline: float | N
 
 
 def build_report(providers=DEFAULT_PROVIDERS, targets=(90, 80), quick=False, jobs: int | None = None,
-                 cache_dir: str | None = str(DEFAULT_CACHE), deadline: float | None = None) -> Report:
-    variants, missing = collect(providers, quick)
+                 cache_dir: str | None = str(DEFAULT_CACHE), deadline: float | None = None, only=()) -> Report:
+    variants, missing = collect(providers, quick, only)
     work = [(p, i, v, cc) for p, i, v in variants for cc in targets if cc in v.targets]
     # default variants first: under a deadline the configs the test gates on are measured before the others
     work.sort(key=lambda w: not w[2].default)
@@ -316,6 +328,44 @@ def write(report: Report, out: Path, header: str = "") -> tuple[Path, Path]:
     return md, csv_path
 
 
+_INT_COLUMNS = ("registers", "spill_bytes", "smem_bytes", *PTX_PATTERNS)
+
+
+def read_rows(csv_path: Path) -> list[dict]:
+    """The rows of a written resources.csv, typed as :func:`build_report` makes them."""
+    rows = []
+    with csv_path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            for col in _INT_COLUMNS:
+                row[col] = int(row[col]) if row[col] not in ("", None) else ""
+            row["default"] = row["default"] == "True"
+            rows.append(row)
+    return rows
+
+
+def merge_rows(old: list[dict], new: list[dict], only) -> list[dict]:
+    """``old`` with the rows ``only`` selects replaced by ``new`` (a report re-run for some kernels only): each
+    new row takes the place of the first old row of its (kernel, dtype, dim, flags, target), else goes last."""
+    key = lambda r: (r["kernel"], r["dtype"], str(r["dim"]), r["flags"], r["target"])
+    slot = {}  # key -> (kept rows before it, its old position)
+    kept = []
+    for i, r in enumerate(old):
+        if selected(variant_text(r["kernel"], r["dtype"], r["dim"], r["flags"]), only):
+            slot.setdefault(key(r), (len(kept), i))
+        else:
+            kept.append(r)
+    where = lambda ir: (*slot.get(key(ir[1]), (len(kept), len(old))), ir[0])
+    placed = [r for _, r in sorted(enumerate(new), key=where)]
+    out, j = [], 0
+    for i, r in enumerate(kept + [None]):
+        while j < len(placed) and slot.get(key(placed[j]), (len(kept),))[0] <= i:
+            out.append(placed[j])
+            j += 1
+        if r is not None:
+            out.append(r)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="only the default (deterministic-mode) variants")
@@ -327,7 +377,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-cache", action="store_true", help=f"always compile (cache: {DEFAULT_CACHE})")
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds: variants not compiled by then are reported as such (default variants go first)")
+    p.add_argument("--only", action="append", default=[],
+                   help='regex on "KERNEL DTYPE D=DIM [FLAGS]" (repeatable): compile only the matching variants')
+    p.add_argument("--merge", action="store_true",
+                   help="with --only: replace the matching rows of the existing resources.csv, keep the others")
     args = p.parse_args(argv)
+    if args.merge and not args.only:
+        p.error("--merge: needs --only (without it the whole report is rebuilt)")
     try:
         targets = tuple(int(t) for t in args.targets.split(",") if t.strip())
     except ValueError:
@@ -335,7 +391,12 @@ def main(argv=None) -> int:
     import triton
 
     report = build_report(tuple(args.provider or DEFAULT_PROVIDERS), targets, args.quick, args.jobs,
-                          None if args.no_cache else str(DEFAULT_CACHE), args.deadline)
+                          None if args.no_cache else str(DEFAULT_CACHE), args.deadline, tuple(args.only))
+    if args.merge:
+        old = Path(args.out) / "resources.csv"
+        if not old.is_file():
+            p.error(f"--merge: no {old} to merge into")
+        report = Report(merge_rows(read_rows(old), report.rows, args.only), report.missing)
     header = (f"# Static kernel resources ({'default variants' if args.quick else 'every variant'}; "
               f"triton {triton.__version__}; targets {', '.join(f'sm_{t}' for t in targets)})\n\n")
     md, csv_path = write(report, Path(args.out), header)

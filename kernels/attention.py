@@ -23,7 +23,8 @@ arithmetic (for PrefixLM the whole prefix block is dense), boundary tiles run wi
 
 Relative position bias (SimVLM; Swin/timm table layout, Liu et al., 2021, arXiv:2103.14030): tokens
 t in [s, s + gh·gw) sit at (y, x) = divmod(t − s, gw); a pair gets table[(y_q − y_k + gh − 1)(2gw − 1) + x_q − x_k +
-gw − 1, h]. The kernels gather it from the (small, cache-resident) table. For dtable, a key-block program skews
+gw − 1, h]. The kernels gather it from a per-call head-major (H, R) copy of the table (small, L2-resident;
+contiguous along a row's keys, see _rel_bias). For dtable, a key-block program skews
 each dS tile so that its diagonals become rows (tl.gather): all pairs on one diagonal i − j = d with the same
 sign of x_q − x_k share one table entry, so a tile reduces to 2·(BLOCK_M + BLOCK_N) sums with distinct table
 rows. They accumulate in a register window that slides with the query loop; each diagonal is stored once when it
@@ -114,6 +115,13 @@ _FWD_SHAPES_LARGE_D = [(64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (16, 32, 
                        (32, 32, 4, 2)]
 _DKDV_SHAPES_LARGE_D = [(16, 32, 8, 2), (32, 32, 8, 1), (32, 64, 8, 1), (16, 32, 8, 1), (16, 64, 8, 1)]
 _DQ_SHAPES_LARGE_D = [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2), (16, 64, 4, 2), (64, 32, 8, 1)]
+# fp32 without TF32 (IEEE, torch's default): tl.dot runs on the FMA units, and each thread holds its rows (or
+# columns) of both operands over the whole reduction dimension in registers, so the 16-bit tiles spill 0.2–10 KB
+# per thread. Few keys per tile (the K of P·V) and 8 warps keep every fp32 config free of spills (the resource
+# report), at two stages (cp.async kept). Per kernel: (D <= 64, D <= 128, D <= 256).
+_FP32_FIXED = {"fwd": [(32, 16, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)],
+               "dkdv": [(16, 32, 8, 2), (16, 32, 8, 2), (16, 16, 8, 2)],
+               "dq": [(32, 16, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)]}
 _KEY = ["HEAD_DIM", "N_BUCKET", "Q_BUCKET", "CAUSAL", "HAS_PREFIX", "HAS_KVLEN", "HAS_BIAS"]
 _INTERPRET_BLOCKS = (32, 32)
 
@@ -179,9 +187,14 @@ def _visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START, KEYS_FIRST: tl.constexpr):
+def _rel_bias(Table, stride_th, h, offs_m, offs_n, GH, GW, REL_START, KEYS_FIRST: tl.constexpr):
     """Bias tile in fp32 read from the table (0 outside the grid), Swin/timm index: (BLOCK_M, BLOCK_N), or
-    (BLOCK_N, BLOCK_M) with KEYS_FIRST (the dK/dV kernel's transposed scores)."""
+    (BLOCK_N, BLOCK_M) with KEYS_FIRST (the dK/dV kernel's transposed scores).
+
+    ``Table`` is the launcher's per-call head-major copy (H, R) of the (R, H) parameter, row stride
+    ``stride_th``: neighbouring keys (x_k, x_k + 1) of a row read neighbouring entries (index − 1), so a warp's
+    gather touches a few 32-byte sectors. Read from the (R, H) layout, each lane's entry lay H elements from its
+    neighbour's: one sector per lane (~8K sectors per 128×64 tile, about twice the tile's MMA time)."""
     tq = offs_m - REL_START
     tk = offs_n - REL_START
     in_q = (tq >= 0) & (tq < GH * GW)
@@ -195,7 +208,7 @@ def _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START,
         yq, xq, yk, xk = (tq // GW)[:, None], (tq % GW)[:, None], (tk // GW)[None, :], (tk % GW)[None, :]
         mask = in_q[:, None] & in_k[None, :]
     idx = (yq - yk + (GH - 1)) * (2 * GW - 1) + xq - xk + (GW - 1)
-    return tl.load(Table + idx * stride_tr + h * stride_th, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(Table + h * stride_th + idx, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -207,7 +220,7 @@ def _touches_grid(start_m, start_n, GH, GW, REL_START, BLOCK_M: tl.constexpr, BL
 
 
 @triton.jit
-def _scores(a, b, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
+def _scores(a, b, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_th, h, GH, GW, REL_START,
             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
             KEYS_FIRST: tl.constexpr):
     """log2-domain scores scale·a·bᵀ (+ the table's bias where the tile meets the grid), shared by the forward and
@@ -216,7 +229,7 @@ def _scores(a, b, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, 
     s = tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION) * qk_scale
     if HAS_BIAS:
         if _touches_grid(start_m, start_n, GH, GW, REL_START, BLOCK_M, BLOCK_N):
-            bias = _rel_bias(Table, stride_tr, stride_th, h, offs_m, offs_n, GH, GW, REL_START, KEYS_FIRST)
+            bias = _rel_bias(Table, stride_th, h, offs_m, offs_n, GH, GW, REL_START, KEYS_FIRST)
             s += bias * 1.4426950408889634
     return s
 
@@ -225,13 +238,13 @@ def _scores(a, b, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, 
 
 @triton.jit
 def _fwd_tile(q, m_i, l_i, acc, start_m, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, NQ, NK,
-              kv_len, prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
+              kv_len, prefix, hi, qk_scale, Table, stride_th, h, GH, GW, REL_START,
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
               MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
     v = _load2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
-    s = _scores(q, k, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
+    s = _scores(q, k, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_th, h, GH, GW, REL_START,
                 HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION, False)
     if MASKED:
         s = tl.where(_visible(offs_m, offs_n, NQ, NK, kv_len, prefix, CAUSAL), s, float("-inf"))
@@ -250,7 +263,7 @@ def _fwd_tile(q, m_i, l_i, acc, start_m, start_n, k_base, v_base, stride_kn, str
 @triton.jit
 def _fwd_kernel(Q, K, V, Out, Lse, PrefixLens, KvLens, Table,
                 stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-                stride_os, stride_ob, stride_on, stride_oh, stride_ls, stride_tr, stride_th,
+                stride_os, stride_ob, stride_on, stride_oh, stride_ls, stride_th,
                 H, NQ, NK, SPLITS, qk_scale, GH, GW, REL_START,
                 N_BUCKET, Q_BUCKET, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -278,11 +291,11 @@ def _fwd_kernel(Q, K, V, Out, Lse, PrefixLens, KvLens, Table,
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     for start_n in range(lo, tl.minimum(dense_end, up), BLOCK_N):
         m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, start_m, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                                  NQ, NK, kv_len, prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
+                                  NQ, NK, kv_len, prefix, hi, qk_scale, Table, stride_th, h, GH, GW,
                                   REL_START, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, False, BLOCK_M, BLOCK_N, DOT_PRECISION)
     for start_n in range(tl.maximum(dense_end, lo), tl.minimum(hi, up), BLOCK_N):
         m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, start_m, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                                  NQ, NK, kv_len, prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
+                                  NQ, NK, kv_len, prefix, hi, qk_scale, Table, stride_th, h, GH, GW,
                                   REL_START, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
     seen = l_i > 0.0
@@ -384,7 +397,7 @@ def _visible_t(offs_n, offs_m, NQ, NK, kv_len, prefix, CAUSAL: tl.constexpr):
 
 @triton.jit
 def _dkdv_tile(k, v, dk, dv, win_right, win_left, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base,
-               Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, masked, qk_scale, Table, stride_tr, stride_th, h,
+               Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, masked, qk_scale, Table, stride_th, h,
                GH, GW, REL_START, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SKEW_W: tl.constexpr):
     """One query tile of the dK/dV loop, computed transposed (keys × queries, as Triton's fused-attention tutorial
@@ -398,7 +411,7 @@ def _dkdv_tile(k, v, dk, dv, win_right, win_left, start_m, start_n, q_base, do_b
     q = _load2d(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, NQ, offs_d, HEAD_DIM, D_PAD, True)
     do = _load2d(do_base + offs_m[:, None] * stride_dn + offs_d[None, :], offs_m, NQ, offs_d, HEAD_DIM, D_PAD, True)
     lse, delta = _load_row_stats(Lse, Delta, row_base, offs_m, NQ)
-    s_t = _scores(k, q, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW,
+    s_t = _scores(k, q, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_th, h, GH, GW,
                   REL_START, HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION, True)
     p_t = tl.math.exp2(s_t - lse[None, :])
     if masked:
@@ -420,12 +433,12 @@ def _dkdv_tile(k, v, dk, dv, win_right, win_left, start_m, start_n, q_base, do_b
 def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, DTab,
                  stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                  stride_db, stride_dn, stride_dh, stride_dkb, stride_dkn, stride_dkh,
-                 stride_dvb, stride_dvn, stride_dvh, stride_tr, stride_th,
+                 stride_dvb, stride_dvn, stride_dvh, stride_th,
                  H, NQ, NK, BATCH, CHUNK, qk_scale, scale, GH, GW, REL_START, TABLE_SIZE,
                  N_BUCKET, Q_BUCKET, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKEW_W: tl.constexpr,
-                 T_PAD: tl.constexpr):
+                 T_PAD: tl.constexpr, ACC_IN_REGS: tl.constexpr):
     """One program per (key block, chunk of CHUNK samples, head): dK, dV of each sample of the chunk in turn, and
     the chunk's dtable partial sums in the program's own buffer row. Without a table CHUNK = 1; with one the
     launcher picks CHUNK so that the buffer holds at most max(B, key blocks)·H rows (not B·H·key blocks).
@@ -435,18 +448,25 @@ def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, D
     t·BLOCK_M − start_n − BLOCK_N + 1 on; a window of SKEW_W diagonal sums (right/left) slides along, and after
     each tile its first BLOCK_M diagonals are final: stored once (plain stores) at their table entries in the
     program's buffer row, which stages the sample. After each sample (outside the loop) the staged row is added
-    to a (T_PAD,) register accumulator in a fixed order and zeroed; the program writes its row once at the end."""
+    to a (T_PAD,) register accumulator in a fixed order and zeroed; the program writes its row once at the end.
+    Tables larger than T_PAD (ACC_IN_REGS false: > 1024 entries, whose register accumulator spilled on sm_80) use
+    a second buffer row as the accumulator instead, folded in T_PAD-wide chunks; the launcher reads the first."""
     pid_n, pid_bh = _block_and_head(NK, BLOCK_N)
     chunk = pid_bh // H
     h = pid_bh % H
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    DTab_row = DTab + (pid_bh.to(tl.int64) * tl.cdiv(NK, BLOCK_N) + pid_n) * TABLE_SIZE
+    rows_per_program = 1 if ACC_IN_REGS else 2
+    DTab_row = DTab + (pid_bh.to(tl.int64) * tl.cdiv(NK, BLOCK_N) + pid_n) * TABLE_SIZE * rows_per_program
+    Acc_row = DTab_row + TABLE_SIZE  # the accumulator row of a large table
     offs_t = tl.arange(0, T_PAD)  # one thread per entry (T_PAD >= threads): no replicas in the staging passes
     dtab = tl.zeros([T_PAD], tl.float32)
-    if HAS_BIAS:  # this program owns its buffer row: zero it (autotuning reruns the kernel; stores skip entries)
-        tl.store(DTab_row + offs_t, dtab, mask=offs_t < TABLE_SIZE)
+    if HAS_BIAS:  # this program owns its buffer rows: zero them (autotuning reruns the kernel; stores skip entries)
+        for t0 in range(0, TABLE_SIZE, T_PAD):
+            tl.store(DTab_row + t0 + offs_t, dtab, mask=t0 + offs_t < TABLE_SIZE)
+            if not ACC_IN_REGS:
+                tl.store(Acc_row + t0 + offs_t, dtab, mask=t0 + offs_t < TABLE_SIZE)
         tl.debug_barrier()
     for b in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, BATCH)):  # fixed order: deterministic
         b64 = tl.cast(b, tl.int64)
@@ -484,7 +504,7 @@ def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, D
         for start_m in range(lo, NQ, BLOCK_M):
             dk, dv, win_right, win_left = _dkdv_tile(
                 k, v, dk, dv, win_right, win_left, start_m, start_n, q_base, do_base, stride_qn, stride_dn, row_base,
-                Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, start_m < dense_lo, qk_scale, Table, stride_tr,
+                Lse, Delta, offs_n, offs_d, NQ, NK, kv_len, prefix, start_m < dense_lo, qk_scale, Table,
                 stride_th, h, GH, GW, REL_START, HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION,
                 SKEW_W)
             if HAS_BIAS:  # diagonals e < BLOCK_M get nothing from later tiles: store them, slide the window
@@ -495,8 +515,16 @@ def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, D
             m_end = lo + tl.cdiv(tl.maximum(NQ - lo, 0), BLOCK_M) * BLOCK_M
             _store_diagonals(win_right, win_left, m_end, start_n, DTab_row, GH, GW, SKEW_W, BLOCK_N, SKEW_W)
             tl.debug_barrier()  # every thread's stores are visible
-            dtab += tl.load(DTab_row + offs_t, mask=offs_t < TABLE_SIZE, other=0.0)
-            tl.store(DTab_row + offs_t, tl.zeros([T_PAD], tl.float32), mask=offs_t < TABLE_SIZE)
+            if ACC_IN_REGS:
+                dtab += tl.load(DTab_row + offs_t, mask=offs_t < TABLE_SIZE, other=0.0)
+                tl.store(DTab_row + offs_t, tl.zeros([T_PAD], tl.float32), mask=offs_t < TABLE_SIZE)
+            else:  # each thread reads back only the entries it wrote in the previous fold: no barrier needed
+                for t0 in range(0, TABLE_SIZE, T_PAD):
+                    ok = t0 + offs_t < TABLE_SIZE
+                    staged = tl.load(DTab_row + t0 + offs_t, mask=ok, other=0.0)
+                    acc_t = tl.load(Acc_row + t0 + offs_t, mask=ok, other=0.0)
+                    tl.store(Acc_row + t0 + offs_t, acc_t + staged, mask=ok)
+                    tl.store(DTab_row + t0 + offs_t, tl.zeros([T_PAD], tl.float32), mask=ok)
             tl.debug_barrier()  # the next sample's stores come after every thread's fold
 
         mask = (offs_n < NK)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -505,18 +533,23 @@ def _dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, PrefixLens, KvLens, Table, D
         tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
     if HAS_BIAS:
-        tl.store(DTab_row + offs_t, dtab, mask=offs_t < TABLE_SIZE)
+        if ACC_IN_REGS:
+            tl.store(DTab_row + offs_t, dtab, mask=offs_t < TABLE_SIZE)
+        else:  # the result in the first row (the same thread wrote each entry of the accumulator)
+            for t0 in range(0, TABLE_SIZE, T_PAD):
+                ok = t0 + offs_t < TABLE_SIZE
+                tl.store(DTab_row + t0 + offs_t, tl.load(Acc_row + t0 + offs_t, mask=ok, other=0.0), mask=ok)
 
 
 @triton.jit
 def _dq_tile(q, do, lse, delta, dq, start_m, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, NQ, NK, kv_len,
-             prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
+             prefix, hi, qk_scale, Table, stride_th, h, GH, GW, REL_START,
              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
              MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load2d(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
     v = _load2d(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, hi, offs_d, HEAD_DIM, D_PAD, MASKED)
-    s = _scores(q, k, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
+    s = _scores(q, k, start_m, start_n, offs_m, offs_n, qk_scale, Table, stride_th, h, GH, GW, REL_START,
                 HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION, False)
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
@@ -529,7 +562,7 @@ def _dq_tile(q, do, lse, delta, dq, start_m, start_n, k_base, v_base, stride_kn,
 @triton.jit
 def _dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, PrefixLens, KvLens, Table,
                stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-               stride_db, stride_dn, stride_dh, stride_dqb, stride_dqn, stride_dqh, stride_tr, stride_th,
+               stride_db, stride_dn, stride_dh, stride_dqb, stride_dqn, stride_dqh, stride_th,
                H, NQ, NK, BATCH, CHUNK, qk_scale, scale, GH, GW, REL_START,
                N_BUCKET, Q_BUCKET, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -565,11 +598,11 @@ def _dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, PrefixLens, KvLens, Table,
         dense_end, hi = _key_range(start_m, NQ, NK, kv_len, prefix, CAUSAL, BLOCK_M, BLOCK_N)
         for start_n in range(0, dense_end, BLOCK_N):
             dq = _dq_tile(q, do, lse, delta, dq, start_m, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, NQ,
-                          NK, kv_len, prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
+                          NK, kv_len, prefix, hi, qk_scale, Table, stride_th, h, GH, GW, REL_START,
                           HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, False, BLOCK_M, BLOCK_N, DOT_PRECISION)
         for start_n in range(dense_end, hi, BLOCK_N):
             dq = _dq_tile(q, do, lse, delta, dq, start_m, start_n, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, NQ,
-                          NK, kv_len, prefix, hi, qk_scale, Table, stride_tr, stride_th, h, GH, GW, REL_START,
+                          NK, kv_len, prefix, hi, qk_scale, Table, stride_th, h, GH, GW, REL_START,
                           HEAD_DIM, D_PAD, CAUSAL, HAS_BIAS, True, BLOCK_M, BLOCK_N, DOT_PRECISION)
     dq_ptrs = DQ + tl.cast(chunk, tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < NQ)[:, None] & (offs_d < HEAD_DIM)[None, :])
@@ -630,21 +663,25 @@ def _fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tuple[
 
 def _gpu_fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tuple[int, int], q_bucket: int,
                      has_bias: bool = False):
-    """One config per (kernel, dtype, head dim, capability), sized to fit fp32 at the head dim in an A100's
-    shared memory (164 KB)."""
-    if d_pad <= 128:
+    """One config per (kernel, dtype, head dim, capability, table or not), each free of register spills and
+    within the shared memory of its target in the resource report (benchmarks/results/static/resources.md)."""
+    if dtype == torch.float32:  # (TF32 on opt-in runs these small tiles too)
+        shape = _FP32_FIXED[kernel][0 if d_pad <= 64 else 1 if d_pad <= 128 else 2]
+    elif d_pad <= 128:
         shape = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)}[kernel]
         if kernel == "dkdv" and d_pad <= 64 and capability < (9, 0):
             shape = (16, 64, 4, 2)  # mma.sync keeps more per thread than wgmma: 8 warps at 32 rows spill there
         if kernel == "dkdv" and has_bias:  # the dtable window sums and skew gather need room: 32 keys per block
             shape = (32, 32, 8, 2)
+        if kernel == "fwd" and has_bias and d_pad > 64 and capability < (9, 0):
+            shape = (64, 32, 8, 2)  # mma.sync with the bias gather's indices: 4 warps spill at D = 128
     else:
         # dK/dV: two stages fit without spilling, one with a table (its window sums and skew need the registers)
         shape = {"fwd": (32, 32, 4, 2), "dkdv": (16, 32, 8, 1 if has_bias else 2), "dq": (32, 32, 8, 2)}[kernel]
+        if kernel == "fwd" and capability < (9, 0):
+            shape = (32, 32, 8, 2)  # mma.sync: the (32, 256) accumulator over 4 warps spills with a causal mask
     if kernel != "dkdv" and q_bucket <= 16:  # attention pooling: 16-row blocks instead of mostly empty ones
-        shape = (16, shape[1], 4, shape[3])
-    if dtype == torch.float32 and d_pad > 128:
-        shape = (*shape[:3], 1)  # fp32 K/V tiles of 256 columns: one stage fits the shared memory
+        shape = (16, shape[1], shape[2], shape[3])
     if capability < (8, 0):  # no cp.async before Ampere: software pipelining only costs shared memory
         shape = (*shape[:3], 1)
     return shape
@@ -684,8 +721,9 @@ def _common(q, k, prefix_lens, kv_lens, causal, table, grid, start):
                 HAS_KVLEN=kv_lens is not None, HAS_BIAS=has_bias,
                 # fp32: TF32 only when the user opted in through torch (16-bit operands ignore it)
                 DOT_PRECISION=fp32_dot_precision(_INTERPRET) if q.dtype == torch.float32 else "tf32")
-    tab = table if has_bias else k.new_empty(0)
-    tab_strides = (table.stride(0), table.stride(1)) if has_bias else (0, 0)
+    # head-major (H, R) copy of the (R, H) table for the bias gather (see _rel_bias); R·H values per call
+    tab = table.t().contiguous() if has_bias else k.new_empty(0)
+    tab_strides = (tab.stride(0),) if has_bias else (0,)
     return meta, lens(prefix_lens), lens(kv_lens), tab, tab_strides, (gh, gw, int(start))
 
 
@@ -717,10 +755,16 @@ def _batch_chunks(batch: int, nq: int, heads: int, device: torch.device) -> tupl
     return chunk, triton.cdiv(batch, chunk)
 
 
+_ACC_IN_REGS_MAX = 1024  # table entries the dK/dV kernel accumulates in registers (more spilled on sm_80)
+
+
 def _table_pad(table_size: int) -> int:
-    """The dK/dV kernel's register accumulator for dtable: a power of two >= the table and >= the threads of a
-    program (8 warps), so that each entry has one owner thread (see _dkdv_kernel); 16 without a table."""
-    return max(triton.next_power_of_2(table_size), 256) if table_size else 16
+    """The dK/dV kernel's dtable fold width: a power of two >= the table (its register accumulator) and >= the
+    threads of a program (8 warps), so that each entry has one owner thread (see _dkdv_kernel); for tables over
+    _ACC_IN_REGS_MAX entries the chunk width of the in-memory fold; 16 without a table."""
+    if not table_size:
+        return 16
+    return max(triton.next_power_of_2(min(table_size, _ACC_IN_REGS_MAX)), 256)
 
 
 def _dtable_chunks(batch: int, key_blocks: int) -> tuple[int, int]:
@@ -803,7 +847,10 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
     block_n = dkdv_config["BLOCK_N"] if dkdv_config else min(c.kwargs["BLOCK_N"] for c in dkdv_kernel.configs)
     max_key_blocks = triton.cdiv(nk, block_n)
     dkdv_chunk, dkdv_chunks = _dtable_chunks(batch, max_key_blocks) if table is not None else (1, batch)
-    dtab = torch.empty((dkdv_chunks * heads * max_key_blocks, table_size) if table is not None else (0,),
+    acc_in_regs = table_size <= _ACC_IN_REGS_MAX
+    rows_per_program = 1 if acc_in_regs else 2  # large tables: a second row per program accumulates
+    dtab = torch.empty((dkdv_chunks * heads * max_key_blocks * rows_per_program, table_size)
+                       if table is not None else (0,),
                        dtype=torch.float32, device=q.device)
     used_blocks = {}
 
@@ -816,7 +863,7 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
         dkdv_kernel[dkdv_grid](q, k, v, dout, lse, delta, dk, dv, plens, klens, tab, dtab,
                                *_q_strides(q, batch), *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
                                *dk.stride()[:3], *dv.stride()[:3], *tstr, heads, nq, nk, batch, dkdv_chunk,
-                               scale * LOG2E, scale, gh, gw, s, table_size, T_PAD=_table_pad(table_size), **meta,
+                               scale * LOG2E, scale, gh, gw, s, table_size, T_PAD=_table_pad(table_size), ACC_IN_REGS=acc_in_regs, **meta,
                                **dkdv_config)
     chunk, n_chunks = (_batch_chunks(batch, nq, heads, q.device) if q.shape[0] != batch else (1, batch))
     dq_out = dq if n_chunks == q.shape[0] else torch.empty((n_chunks, *q.shape[1:]), dtype=torch.float32,
@@ -831,7 +878,8 @@ def attention_bwd(dout, q, k, v, out, lse, causal=False, prefix_lens=None, kv_le
     dtable = None
     if table is not None:
         n_used = used_blocks["n"]
-        parts = dtab[: dkdv_chunks * heads * n_used].view(dkdv_chunks, heads, n_used, table_size)
+        parts = dtab[: dkdv_chunks * heads * n_used * rows_per_program].view(
+            dkdv_chunks, heads, n_used, rows_per_program, table_size)[:, :, :, 0]
         # fixed-order reduction: deterministic; (H, T) summed, returned as a contiguous (T, H) like the fake
         dtable = parts.sum(dim=(0, 2)).t().to(table.dtype).contiguous()
     return dq, dk, dv, dtable
@@ -875,7 +923,10 @@ def _divisible(fn) -> tuple[str, ...]:
     return tuple(name for name in fn.arg_names if name in pointers or name in strides)
 
 
-_REPORT_FLAGS = ("", "causal", "prefix,kvlen,bias")
+_REPORT_FLAGS = ("", "causal", "prefix,kvlen,bias", "bias,T6241")
+# table entries per flags (default: a 16×16 grid's 961); "T6241" is a 40×40 grid's table, larger than the dK/dV
+# kernel's register accumulator (only that kernel depends on the table's size)
+_REPORT_TABLES = {"bias,T6241": 6241}
 _REPORT_DIMS = (64, 128, 256)
 
 
@@ -899,6 +950,8 @@ def static_variants() -> list[KernelVariant]:
             for flags in _REPORT_FLAGS:
                 meta = _flag_meta(dim, dtype, flags)
                 for name, (shapes, large, prune) in lists.items():
+                    if flags in _REPORT_TABLES and name != "dkdv":
+                        continue
                     fn = _JIT[name]
                     configs = [_config(*shape, skew=name == "dkdv")
                                for shape in dict.fromkeys(list(shapes) + list(large))]
@@ -910,8 +963,10 @@ def static_variants() -> list[KernelVariant]:
                     entries += [(c, True, (cap,)) for cap, c in fixed.items()]
                     for config, default, targets in entries:
                         constexprs = dict(meta, **config.kwargs)
-                        if name == "dkdv":  # a 16×16 grid's table (961 entries) with a table
-                            constexprs["T_PAD"] = _table_pad(961 if meta["HAS_BIAS"] else 0)
+                        if name == "dkdv":  # the dtable fold: in registers up to _ACC_IN_REGS_MAX entries
+                            table_size = _REPORT_TABLES.get(flags, 961) if meta["HAS_BIAS"] else 0
+                            constexprs["T_PAD"] = _table_pad(table_size)
+                            constexprs["ACC_IN_REGS"] = table_size <= _ACC_IN_REGS_MAX
                         variants.append(KernelVariant(
                             kernel=f"attention.{name}", fn=fn, signature=kernel_signature(fn, dtype, constexprs),
                             constexprs=constexprs, num_warps=config.num_warps, num_stages=config.num_stages,

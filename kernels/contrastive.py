@@ -13,9 +13,14 @@ Backward, upstream drow (b,), recomputing the logits tile by tile (nothing of si
 
     G_ij = drow_i·(exp(l_ij − lse_i) − [j = offset+i])          (InfoNCE)
     G_ij = −drow_i·z_ij·σ(−z_ij·l_ij)                           (SigLIP)
-    dx = s·G·y   (one program per (row block, D chunk), loops over column tiles)
+    dx = s·G·y   (one program per (row block, D chunk, column slice), loops over the slice's column tiles)
     dy = s·Gᵀ·x  (one program per (column block, D chunk), loops over row tiles) — every gathered column
     dscale = Σ G ⊙ (x·yᵀ),  dbias = Σ G   (per-row-block partial sums, reduced afterwards by torch)
+
+Column slices (flash-decoding style): the forward and dx have only cdiv(b, 64) row-block programs — 4 to 16 on a
+132-SM GPU for a local batch of 256–1024 against 32k gathered columns — so their column loop is split into slices
+(:func:`column_splits`, about two programs per SM) whose partials merge in a fixed order: lse by log-sum-exp,
+the positive logit, SigLIP sums, dx (fp32 partials) and dscale/dbias by plain sums.
 
 Single-process InfoNCE (no ranks: the text→image logits are the transpose of the image→text ones) uses a pair
 kernel: G_ij = d_i·(e^{l_ij − lse_i} − δ_ij) + d'_j·(e^{l_ij − lse'_j} − δ_ij) serves both directions from one
@@ -30,6 +35,7 @@ fp32 (TF32 products for fp16/bf16 inputs: a 16-bit G would underflow — its ent
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -81,20 +87,25 @@ def _grad_tile(dots, s, bias, lse, drow, rows, cols, n_rows, n_cols, offset, SIG
 
 @triton.jit
 def _fwd_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, rows_out_ptr, lse_out_ptr, n_rows, n_cols, dim, offset,
-                sx0, sx1, sy0, sy1, SIGLIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                sx0, sx1, sy0, sy1, cols_per_split, SIGLIP: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (row block, column slice): the slice's partial results at [split, row] — InfoNCE: its lse and
+    positive logit (0 when the positive lies elsewhere), SigLIP: its loss sum. Every slice holds >= 1 column."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
+    col_lo = split * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, n_cols)
     s = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32) if SIGLIP else 0.0
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     denom = tl.zeros((BLOCK_M,), tl.float32)
     pos = tl.zeros((BLOCK_M,), tl.float32)
     total = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(0, n_cols, BLOCK_N):
+    for n0 in range(col_lo, col_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        logits = _dots_tile(x_ptr, y_ptr, rows, cols, n_rows, n_cols, dim, sx0, sx1, sy0, sy1,
+        logits = _dots_tile(x_ptr, y_ptr, rows, cols, n_rows, col_hi, dim, sx0, sx1, sy0, sy1,
                             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION) * s
-        valid = cols[None, :] < n_cols
+        valid = cols[None, :] < col_hi
         is_pos = cols[None, :] == (rows[:, None] + offset)
         if SIGLIP:
             zt = tl.where(is_pos, logits + bias, -(logits + bias))
@@ -107,20 +118,24 @@ def _fwd_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, rows_out_ptr, lse_out_ptr, n_
             m = m_new
             pos += tl.sum(tl.where(is_pos & valid, logits, 0.0), axis=1)
     in_range = rows < n_rows
+    out = split.to(tl.int64) * n_rows + rows
     if SIGLIP:
-        tl.store(rows_out_ptr + rows, total, mask=in_range)
+        tl.store(rows_out_ptr + out, total, mask=in_range)
     else:
-        lse = m + tl.log(denom)
-        tl.store(lse_out_ptr + rows, lse, mask=in_range)
-        tl.store(rows_out_ptr + rows, lse - pos, mask=in_range)
+        tl.store(lse_out_ptr + out, m + tl.log(denom), mask=in_range)
+        tl.store(rows_out_ptr + out, pos, mask=in_range)
 
 
 @triton.jit
 def _bwd_dx_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, lse_ptr, drow_ptr, dx_ptr, partial_ptr, n_rows, n_cols,
-                   dim, offset, sx0, sx1, sy0, sy1, sdx0, n_row_blocks, SIGLIP: tl.constexpr,
+                   dim, offset, sx0, sx1, sy0, sy1, sdx0, sdxs, n_row_blocks, cols_per_split, SIGLIP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                    PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr):
-    pid_m, pid_d = tl.program_id(0), tl.program_id(1)
+    """Program (row block, D chunk, column slice): the slice's share of dx at dx[split] (an fp32 partial when
+    there are several slices, summed afterwards in a fixed order) and its dscale/dbias partials."""
+    pid_m, pid_d, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    col_lo = split * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, n_cols)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     s = tl.load(scale_ptr).to(tl.float32)
@@ -131,21 +146,22 @@ def _bwd_dx_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, lse_ptr, drow_ptr, dx_ptr,
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     dscale = tl.zeros((BLOCK_M,), tl.float32)
     dbias = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(0, n_cols, BLOCK_N):
+    for n0 in range(col_lo, col_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        dots = _dots_tile(x_ptr, y_ptr, rows, cols, n_rows, n_cols, dim, sx0, sx1, sy0, sy1,
+        dots = _dots_tile(x_ptr, y_ptr, rows, cols, n_rows, col_hi, dim, sx0, sx1, sy0, sy1,
                           BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        g = _grad_tile(dots, s, bias, lse, drow, rows, cols, n_rows, n_cols, offset, SIGLIP)
+        g = _grad_tile(dots, s, bias, lse, drow, rows, cols, n_rows, col_hi, offset, SIGLIP)
         yt = tl.load(y_ptr + cols[:, None] * sy0 + ds[None, :] * sy1,
-                     mask=(cols[:, None] < n_cols) & (ds[None, :] < dim), other=0.0).to(tl.float32)
+                     mask=(cols[:, None] < col_hi) & (ds[None, :] < dim), other=0.0).to(tl.float32)
         acc = tl.dot(g, yt, acc, input_precision=GRAD_PRECISION)
         dscale += tl.sum(g * dots, axis=1)
         dbias += tl.sum(g, axis=1)
-    tl.store(dx_ptr + rows[:, None] * sdx0 + ds[None, :], (acc * s).to(dx_ptr.dtype.element_ty),
-             mask=in_range[:, None] & (ds[None, :] < dim))
-    if pid_d == 0:  # one partial per row block, summed in a fixed order afterwards
-        tl.store(partial_ptr + pid_m, tl.sum(dscale, axis=0))
-        tl.store(partial_ptr + n_row_blocks + pid_m, tl.sum(dbias, axis=0))
+    tl.store(dx_ptr + split.to(tl.int64) * sdxs + rows[:, None] * sdx0 + ds[None, :],
+             (acc * s).to(dx_ptr.dtype.element_ty), mask=in_range[:, None] & (ds[None, :] < dim))
+    if pid_d == 0:  # one partial per (column slice, row block), summed in a fixed order afterwards
+        base = partial_ptr + split * 2 * n_row_blocks
+        tl.store(base + pid_m, tl.sum(dscale, axis=0))
+        tl.store(base + n_row_blocks + pid_m, tl.sum(dbias, axis=0))
 
 
 @triton.jit
@@ -176,13 +192,16 @@ def _bwd_dy_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, lse_ptr, drow_ptr, dy_ptr,
 
 @triton.jit
 def _bwd_pair_kernel(x_ptr, y_ptr, scale_ptr, lse_row_ptr, lse_col_ptr, drow_ptr, dcol_ptr, dx_ptr, partial_ptr,
-                     n, dim, sx0, sx1, sy0, sy1, sdx0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                     n, dim, sx0, sx1, sy0, sy1, sdx0, sdxs, n_row_blocks, cols_per_split, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
                      GRAD_PRECISION: tl.constexpr):
     """Single-process InfoNCE, both directions from one logits tile: rows x (n, D) against columns y (n, D),
     G_ij = drow_i·(e^{l_ij − lse_row_i} − δ_ij) + dcol_j·(e^{l_ij − lse_col_j} − δ_ij)  (the second term is the
-    transposed gradient of the y→x direction), dx = s·G·y, and the dscale partial of both directions."""
-    pid_m, pid_d = tl.program_id(0), tl.program_id(1)
+    transposed gradient of the y→x direction), dx = s·G·y, and the dscale partial of both directions. Program
+    (row block, D chunk, column slice), as in _bwd_dx_kernel."""
+    pid_m, pid_d, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    col_lo = split * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, n)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     s = tl.load(scale_ptr).to(tl.float32)
@@ -191,9 +210,9 @@ def _bwd_pair_kernel(x_ptr, y_ptr, scale_ptr, lse_row_ptr, lse_col_ptr, drow_ptr
     lse_row = tl.load(lse_row_ptr + rows, mask=in_range, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     dscale = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(0, n, BLOCK_N):
+    for n0 in range(col_lo, col_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < n
+        col_ok = cols < col_hi
         dcol = tl.load(dcol_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         lse_col = tl.load(lse_col_ptr + cols, mask=col_ok, other=0.0)
         dots = _dots_tile(x_ptr, y_ptr, rows, cols, n, n, dim, sx0, sx1, sy0, sy1, BLOCK_M, BLOCK_N, BLOCK_K,
@@ -207,10 +226,10 @@ def _bwd_pair_kernel(x_ptr, y_ptr, scale_ptr, lse_row_ptr, lse_col_ptr, drow_ptr
                      mask=col_ok[:, None] & (ds[None, :] < dim), other=0.0).to(tl.float32)
         acc = tl.dot(g, yt, acc, input_precision=GRAD_PRECISION)
         dscale += tl.sum(g * dots, axis=1)
-    tl.store(dx_ptr + rows[:, None] * sdx0 + ds[None, :], (acc * s).to(dx_ptr.dtype.element_ty),
-             mask=in_range[:, None] & (ds[None, :] < dim))
+    tl.store(dx_ptr + split.to(tl.int64) * sdxs + rows[:, None] * sdx0 + ds[None, :],
+             (acc * s).to(dx_ptr.dtype.element_ty), mask=in_range[:, None] & (ds[None, :] < dim))
     if pid_d == 0:
-        tl.store(partial_ptr + pid_m, tl.sum(dscale, axis=0))
+        tl.store(partial_ptr + split * n_row_blocks + pid_m, tl.sum(dscale, axis=0))
 
 
 # ---- launchers -----------------------------------------------------------------------------------------
@@ -219,7 +238,12 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(triton.next_power_of_2(max(n, 1)), hi))
 
 
-def _config(dim: int, dtype: torch.dtype, precision: str, interpret: bool | None = None) -> tuple[dict, dict]:
+def _capability(t: torch.Tensor) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else (9, 0)
+
+
+def _config(dim: int, dtype: torch.dtype, precision: str, interpret: bool | None = None,
+            capability: tuple[int, int] = (9, 0)) -> tuple[dict, dict]:
     """(forward, backward) tile sizes and launch options. The gradient accumulator holds BLOCK_D columns of D;
     larger D is split over programs that recompute the logits. GPU sizes were chosen from ptxas reports
     (sm_80 and sm_90, triton 3.9: no or negligible register spills); IEEE fp32 dots run on FMA units and need
@@ -238,8 +262,10 @@ def _config(dim: int, dtype: torch.dtype, precision: str, interpret: bool | None
         return dict(tiles, num_warps=8, num_stages=3), dict(tiles, BLOCK_D=_pow2(dim, 16, 128), num_warps=8,
                                                              num_stages=2)
     tiles = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": _pow2(dim, 16, 64)}
-    return dict(tiles, num_warps=8, num_stages=3), dict(tiles, BLOCK_D=_pow2(dim, 16, 256), num_warps=8,
-                                                         num_stages=2)
+    # the (64, BLOCK_D) fp32 gradient accumulator with its fp32 G and y operands: 256 columns fit wgmma's
+    # register budget on sm_90; mma.sync (sm_80) spills there, so 128 columns (one more logits recomputation)
+    block_d = _pow2(dim, 16, 256 if capability >= (9, 0) else 128)
+    return dict(tiles, num_warps=8, num_stages=3), dict(tiles, BLOCK_D=block_d, num_warps=8, num_stages=2)
 
 
 def _precisions(dtype: torch.dtype) -> tuple[str, str]:
@@ -257,83 +283,135 @@ def _bias_arg(scale: torch.Tensor, bias: torch.Tensor | None, siglip: bool) -> t
     return bias
 
 
-def row_grid(n_rows: int, dim: int, cfg: dict, block: str = "BLOCK_M") -> tuple[int, int]:
-    """(row or column blocks on axis 0 — CUDA allows 2^31 - 1 there —, D chunks on axis 1: a few for any real D)."""
-    return triton.cdiv(n_rows, cfg[block]), triton.cdiv(dim, cfg.get("BLOCK_D", dim))
+def row_grid(n_rows: int, dim: int, cfg: dict, block: str = "BLOCK_M", splits: int | None = None) -> tuple:
+    """(row or column blocks on axis 0 — CUDA allows 2^31 - 1 there —, D chunks on axis 1: a few for any real D
+    [, column slices on axis 2: at most a few hundred, see :func:`column_splits`])."""
+    grid = (triton.cdiv(n_rows, cfg[block]), triton.cdiv(dim, cfg.get("BLOCK_D", dim)))
+    return grid if splits is None else (*grid, splits)
+
+
+# Column slices hold at least this many columns: each program then runs >= 4 tiles of 64 columns, enough to hide
+# its prologue and keep the partial results (splits × rows) small next to the inputs.
+MIN_SPLIT_COLUMNS = 256
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def column_splits(programs: int, n_cols: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """(slices, columns per slice) of the column loop (flash-decoding style, Dao et al. 2023): the row-block
+    programs alone (``programs``: cdiv(b, BLOCK_M) · D chunks) are 4–16 on a 132-SM GPU for a local batch of
+    256–1024 against 32k gathered columns; splitting the columns into slices whose partial results are merged in
+    a fixed order gives about two programs per SM for any local batch. The slice count depends on the GPU's SM
+    count only (results are bitwise reproducible on the same GPU model, as the fixed configs are). Slices are
+    whole column tiles and never empty. Off a GPU (the interpreter): two slices once there are two column
+    tiles, so that the tests run the merge."""
+    if device.type == "cuda":
+        wanted = triton.cdiv(2 * _sm_count(device.index if device.index is not None else
+                                           torch.cuda.current_device()), programs)
+        min_cols = MIN_SPLIT_COLUMNS
+    else:
+        wanted, min_cols = 2, block_n
+    splits = max(1, min(wanted, n_cols // max(min_cols, block_n), 65_535))
+    per = triton.cdiv(triton.cdiv(n_cols, splits), block_n) * block_n
+    return triton.cdiv(n_cols, per), per
 
 
 def contrastive_fwd(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, offset: int,
                     kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows (b,) fp32, lse (b,) fp32 for infonce / (0,) for siglip). x: (b, D), y: (B, D), scale/bias 0-dim."""
+    """(rows (b,) fp32, lse (b,) fp32 for infonce / (0,) for siglip). x: (b, D), y: (B, D), scale/bias 0-dim.
+
+    The column slices' partials merge in a fixed order: lse = log Σ_s e^{lse_s} (torch.logsumexp), the positive
+    logit and the SigLIP sums add (the positive lies in one slice; the others contribute 0)."""
     n_rows, dim = x.shape
     n_cols = y.shape[0]
     siglip = kind == "siglip"
-    rows = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    lse = torch.empty(0 if siglip else n_rows, dtype=torch.float32, device=x.device)
     precision, _ = _precisions(x.dtype)
-    cfg, _ = _config(dim, x.dtype, precision)
-    grid = checked_grid("contrastive.fwd", row_grid(n_rows, dim, cfg)[:1], x.device)
+    cfg, _ = _config(dim, x.dtype, precision, capability=_capability(x))
+    row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
+    splits, per = column_splits(row_blocks, n_cols, cfg["BLOCK_N"], x.device)
+    parts = torch.empty((splits, n_rows), dtype=torch.float32, device=x.device)
+    lse_parts = torch.empty((0 if siglip else splits, n_rows), dtype=torch.float32, device=x.device)
+    grid = checked_grid("contrastive.fwd", (row_blocks, splits), x.device)
     with launch_context("contrastive.fwd", x):
-        _fwd_kernel[grid](x, y, scale, _bias_arg(scale, bias, siglip), rows, lse if not siglip else rows, n_rows,
-                          n_cols, dim, offset, x.stride(0), x.stride(1), y.stride(0), y.stride(1), SIGLIP=siglip,
-                          PRECISION=precision, **cfg)
-    return rows, lse
+        _fwd_kernel[grid](x, y, scale, _bias_arg(scale, bias, siglip), parts, lse_parts if not siglip else parts,
+                          n_rows, n_cols, dim, offset, x.stride(0), x.stride(1), y.stride(0), y.stride(1), per,
+                          SIGLIP=siglip, PRECISION=precision, **cfg)
+    if siglip:
+        return (parts[0] if splits == 1 else parts.sum(0)), lse_parts.new_empty(0)
+    lse = lse_parts[0] if splits == 1 else torch.logsumexp(lse_parts, dim=0)
+    return lse - (parts[0] if splits == 1 else parts.sum(0)), lse
+
+
+def _split_out(like: torch.Tensor, splits: int) -> torch.Tensor:
+    """dx's output for the kernels: ``like``'s dtype for one slice, else fp32 partials (splits, b, D)."""
+    if splits == 1:
+        return torch.empty((1, *like.shape), dtype=like.dtype, device=like.device)
+    return torch.empty((splits, *like.shape), dtype=torch.float32, device=like.device)
+
+
+def _merge(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return out[0] if out.shape[0] == 1 else out.sum(0).to(dtype)  # fixed-order sum over the slices
 
 
 def contrastive_bwd(drow: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
                     bias: torch.Tensor | None, lse: torch.Tensor, offset: int, kind: str):
-    """(dx (b, D), dy (B, D), dscale 0-dim fp32, dbias 0-dim fp32 or None) for upstream drow (b,)."""
+    """(dx (b, D), dy (B, D), dscale 0-dim fp32, dbias 0-dim fp32 or None) for upstream drow (b,). dx's column
+    loop is split as the forward's (:func:`column_splits`); dy has one program per column block already."""
     n_rows, dim = x.shape
     n_cols = y.shape[0]
     siglip = kind == "siglip"
     drow = drow.contiguous()
-    dx = torch.empty((n_rows, dim), dtype=x.dtype, device=x.device)
     dy = torch.empty((n_cols, dim), dtype=y.dtype, device=y.device)
     precision, grad_precision = _precisions(x.dtype)
-    _, cfg = _config(dim, x.dtype, precision)
-    dx_grid = checked_grid("contrastive.bwd_dx", row_grid(n_rows, dim, cfg), x.device)
+    _, cfg = _config(dim, x.dtype, precision, capability=_capability(x))
+    row_blocks, d_chunks = row_grid(n_rows, dim, cfg)
+    splits, per = column_splits(row_blocks * d_chunks, n_cols, cfg["BLOCK_N"], x.device)
+    dx = _split_out(x, splits)
+    dx_grid = checked_grid("contrastive.bwd_dx", row_grid(n_rows, dim, cfg, splits=splits), x.device)
     dy_grid = checked_grid("contrastive.bwd_dy", row_grid(n_cols, dim, cfg, "BLOCK_N"), x.device)
-    row_blocks = dx_grid[0]
-    partial = torch.empty(2 * row_blocks, dtype=torch.float32, device=x.device)
+    partial = torch.empty((splits, 2, row_blocks), dtype=torch.float32, device=x.device)
     lse_arg = drow if siglip else lse
     common = dict(SIGLIP=siglip, PRECISION=precision, GRAD_PRECISION=grad_precision, **cfg)
     bias_arg = _bias_arg(scale, bias, siglip)
     with launch_context("contrastive.bwd", x):
         _bwd_dx_kernel[dx_grid](
             x, y, scale, bias_arg, lse_arg, drow, dx, partial, n_rows, n_cols, dim, offset,
-            x.stride(0), x.stride(1), y.stride(0), y.stride(1), dx.stride(0), row_blocks, **common)
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), dx.stride(1), dx.stride(0), row_blocks, per, **common)
         _bwd_dy_kernel[dy_grid](
             x, y, scale, bias_arg, lse_arg, drow, dy, n_rows, n_cols, dim, offset,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), dy.stride(0), **common)
-    sums = partial.view(2, row_blocks).sum(dim=1)
-    return dx, dy, sums[0], (sums[1] if siglip and bias is not None else None)
+    sums = partial.sum(dim=(0, 2))
+    return _merge(dx, x.dtype), dy, sums[0], (sums[1] if siglip and bias is not None else None)
 
 
 def infonce_pair_bwd(d_img: torch.Tensor, d_txt: torch.Tensor, img: torch.Tensor, txt: torch.Tensor,
                      scale: torch.Tensor, lse_img: torch.Tensor, lse_txt: torch.Tensor):
     """Single-process InfoNCE backward of both directions at once: rows terms r_img (images vs texts, row lse
     ``lse_img``) and r_txt (texts vs images, ``lse_txt``) with upstreams d_img, d_txt (B,). Two launches of the
-    pair kernel (image rows, then text rows) instead of four: each logits tile serves both directions.
-    Returns (d image (B, D), d text (B, D), dscale 0-dim fp32)."""
+    pair kernel (image rows, then text rows) instead of four: each logits tile serves both directions; the
+    column loop is split as in :func:`contrastive_bwd`. Returns (d image (B, D), d text (B, D), dscale 0-dim fp32)."""
     n, dim = img.shape
     d_img, d_txt = d_img.contiguous(), d_txt.contiguous()
     precision, grad_precision = _precisions(img.dtype)
-    _, cfg = _config(dim, img.dtype, precision)
-    cfg = {k: v for k, v in cfg.items() if k != "SIGLIP"}
-    grid = checked_grid("contrastive.bwd_pair", row_grid(n, dim, cfg), img.device)
-    row_blocks = grid[0]
-    partial = torch.empty(2 * row_blocks, dtype=torch.float32, device=img.device)
+    _, cfg = _config(dim, img.dtype, precision, capability=_capability(img))
+    row_blocks, d_chunks = row_grid(n, dim, cfg)
+    splits, per = column_splits(row_blocks * d_chunks, n, cfg["BLOCK_N"], img.device)
+    grid = checked_grid("contrastive.bwd_pair", row_grid(n, dim, cfg, splits=splits), img.device)
+    partial = torch.empty((2, splits, row_blocks), dtype=torch.float32, device=img.device)
     grads = []
     with launch_context("contrastive.bwd_pair", img):
         for i, (x, y, lse_r, lse_c, dr, dc) in enumerate(((img, txt, lse_img, lse_txt, d_img, d_txt),
                                                            (txt, img, lse_txt, lse_img, d_txt, d_img))):
-            dx = torch.empty((n, dim), dtype=x.dtype, device=x.device)
-            _bwd_pair_kernel[grid](x, y, scale, lse_r, lse_c, dr, dc, dx, partial[i * row_blocks:], n, dim,
-                                   x.stride(0), x.stride(1), y.stride(0), y.stride(1), dx.stride(0),
-                                   PRECISION=precision, GRAD_PRECISION=grad_precision, **cfg)
-            grads.append(dx)
+            dx = _split_out(x, splits)
+            _bwd_pair_kernel[grid](x, y, scale, lse_r, lse_c, dr, dc, dx, partial[i], n, dim,
+                                   x.stride(0), x.stride(1), y.stride(0), y.stride(1), dx.stride(1), dx.stride(0),
+                                   row_blocks, per, PRECISION=precision, GRAD_PRECISION=grad_precision, **cfg)
+            grads.append(_merge(dx, x.dtype))
     # each launch sums dscale over the whole (B, B) tile grid; they differ only by rounding: keep the first
-    return grads[0], grads[1], partial[:row_blocks].sum()
+    return grads[0], grads[1], partial[0].sum()
 
 
 # ---- every GPU config, for the static resource report (benchmarks/kernel_resources.py) -----------------------
@@ -343,7 +421,8 @@ _SIZES = ("n_rows", "n_cols", "dim", "offset", "sx0", "sx1", "sy0", "sy1")
 # what a real launch sees as multiples of 16: the tensors' pointers, D and the row strides (for D % 16 == 0);
 # not the batch sizes, the offset nor the unit column strides
 _ALIGNED = ("x_ptr", "y_ptr", "dx_ptr", "dy_ptr", "lse_ptr", "lse_row_ptr", "lse_col_ptr", "drow_ptr", "dcol_ptr",
-              "rows_out_ptr", "lse_out_ptr", "dim", "sx0", "sy0", "sdx0", "sdy0")
+              "rows_out_ptr", "lse_out_ptr", "dim", "sx0", "sy0", "sdx0", "sdy0", "sdxs",
+              "cols_per_split")
 
 
 def static_variants(dims=(256, 512, 768, 1024)) -> list[KernelVariant]:
@@ -356,28 +435,36 @@ def static_variants(dims=(256, 512, 768, 1024)) -> list[KernelVariant]:
         for precision in precisions:
             grad_precision = "tf32" if dtype != torch.float32 else precision
             for dim in dims:
-                fwd_cfg, bwd_cfg = _config(dim, dtype, precision, interpret=False)
+                per_cc = {cc: _config(dim, dtype, precision, interpret=False, capability=(cc // 10, cc % 10))
+                          for cc in (90, 80)}
                 for kind in ("infonce", "siglip"):
                     flags = kind + (",tf32" if dtype == torch.float32 and precision == "tf32" else "")
                     common = {"x_ptr": ptr, "y_ptr": ptr, "scale_ptr": "*fp32", "bias_ptr": "*fp32"}
                     sizes = {n: "i32" for n in _SIZES}
                     kernels = [
-                        ("contrastive.fwd", _fwd_kernel, fwd_cfg,
-                         {**common, "rows_out_ptr": "*fp32", "lse_out_ptr": "*fp32", **sizes}),
-                        ("contrastive.bwd_dx", _bwd_dx_kernel, bwd_cfg,
+                        ("contrastive.fwd", _fwd_kernel, 0,
+                         {**common, "rows_out_ptr": "*fp32", "lse_out_ptr": "*fp32", **sizes,
+                          "cols_per_split": "i32"}),
+                        ("contrastive.bwd_dx", _bwd_dx_kernel, 1,
                          {**common, "lse_ptr": "*fp32", "drow_ptr": "*fp32", "dx_ptr": ptr, "partial_ptr": "*fp32",
-                          **sizes, "sdx0": "i32", "n_row_blocks": "i32"}),
-                        ("contrastive.bwd_dy", _bwd_dy_kernel, bwd_cfg,
+                          **sizes, "sdx0": "i32", "sdxs": "i32", "n_row_blocks": "i32", "cols_per_split": "i32"}),
+                        ("contrastive.bwd_dy", _bwd_dy_kernel, 1,
                          {**common, "lse_ptr": "*fp32", "drow_ptr": "*fp32", "dy_ptr": ptr, **sizes, "sdy0": "i32"}),
                     ]
                     consts = {"SIGLIP": kind == "siglip", "PRECISION": precision, "GRAD_PRECISION": grad_precision}
                     if kind == "infonce":
-                        kernels.append(("contrastive.bwd_pair", _bwd_pair_kernel, bwd_cfg,
+                        kernels.append(("contrastive.bwd_pair", _bwd_pair_kernel, 1,
                                         {"x_ptr": ptr, "y_ptr": ptr, "scale_ptr": "*fp32", "lse_row_ptr": "*fp32",
                                          "lse_col_ptr": "*fp32", "drow_ptr": "*fp32", "dcol_ptr": "*fp32",
                                          "dx_ptr": ptr, "partial_ptr": "*fp32", "n": "i32", "dim": "i32",
-                                         "sx0": "i32", "sx1": "i32", "sy0": "i32", "sy1": "i32", "sdx0": "i32"}))
-                    for name, fn, cfg, signature in kernels:
-                        variants.append(make_variant(name, fn, cfg, signature, consts, dtype=_TYPES[dtype], dim=dim,
-                                                     flags=flags, default=True, aligned=_ALIGNED))
+                                         "sx0": "i32", "sx1": "i32", "sy0": "i32", "sy1": "i32", "sdx0": "i32",
+                                         "sdxs": "i32", "n_row_blocks": "i32", "cols_per_split": "i32"}))
+                    for name, fn, which, signature in kernels:
+                        cfgs = {cc: per_cc[cc][which] for cc in per_cc}
+                        # one variant for both targets when their configs agree, else one per target
+                        groups = [((90, 80), cfgs[90])] if cfgs[90] == cfgs[80] else [((cc,), c) for cc, c in cfgs.items()]
+                        for targets, cfg in groups:
+                            variants.append(make_variant(name, fn, cfg, signature, consts, dtype=_TYPES[dtype],
+                                                         dim=dim, flags=flags, default=True, aligned=_ALIGNED,
+                                                         targets=targets))
     return variants

@@ -193,10 +193,13 @@ def _as_config(bn: int, bk: int, bd: int, warps: int, stages: int) -> dict:
 
 def default_nearest_config(tensor_cores: bool, dim: int, capability: tuple[int, int]) -> dict:
     """The deterministic mode's config: one per (operand kind, D, device capability), never timed — the block
-    sizes fix the summation order of every distance, hence which of two near-equal entries wins. The same tiles
-    serve sm_80 and sm_90 today; BLOCK_D shrinks for small D (no wasted masked lanes)."""
-    del capability  # keyed by it so that a per-architecture choice stays fixed; none is needed yet
+    sizes fix the summation order of every distance, hence which of two near-equal entries wins. BLOCK_D shrinks
+    for small D (no wasted masked lanes). Before Hopper (mma.sync keeps the operands in registers; the resource
+    report): 32-column D chunks for the tensor-core tiles (64 spill with TF32's fp32 operands) and two stages
+    for the IEEE fp32 tiles."""
     bn, bk, bd, warps, stages = _LOWP_CONFIGS[4] if tensor_cores else _FP32_CONFIGS[2]
+    if capability < (9, 0):
+        bd, stages = (32, stages) if tensor_cores else (bd, 2)
     return _as_config(bn, bk, min(bd, triton.next_power_of_2(max(dim, 16))), warps, stages)
 
 
@@ -250,6 +253,12 @@ def entry_grid(num_codes: int, dim: int, block_j: int, block_d: int) -> tuple[in
     return triton.cdiv(num_codes, block_j), triton.cdiv(dim, block_d)
 
 
+def statistics_blocks(dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_J, BLOCK_R) of the statistics kernel on a GPU. The one-hot dot of fp32 features runs on FMA units
+    (IEEE), which hold a thread's rows × BLOCK_R operand in registers: 32 rows per step fit (64 spill on sm_80)."""
+    return (16, 32) if dtype == torch.float32 else (16, 64)
+
+
 def vq_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> torch.Tensor:
     """Packed fp32 (K, D + 1) statistics: [:, :D] per-entry sums of x, [:, D] counts. Deterministic."""
     x = x.detach()
@@ -259,7 +268,7 @@ def vq_statistics(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> tor
     out = torch.empty(num_codes, dim + 1, dtype=torch.float32, device=x.device)
     sorted_idx, order, offsets = ref.sorted_segments(indices, num_codes)
     block_d = min(128, triton.next_power_of_2(max(dim, 16)))
-    block_j, block_r = (32, 32) if _INTERPRET else (16, 64)
+    block_j, block_r = (32, 32) if _INTERPRET else statistics_blocks(x.dtype)
     grid = checked_grid("vq.statistics", entry_grid(num_codes, dim, block_j, block_d), x.device)
     with launch_context("vq.statistics", x):
         _statistics_kernel[grid](x, order, sorted_idx, offsets, out, num_codes, dim, x.stride(0), out.stride(0),
@@ -318,15 +327,18 @@ def static_variants(dims=(256, 512, 768)) -> list[KernelVariant]:
                                  "se": "i32"}
                     consts = {"COSINE": distance == "cosine", "NORM_EPS": ref.NORMALIZE_EPS, "PRECISION": precision}
                     flags = distance + (",tf32" if e_type == "*fp32" and tensor_cores else "")
-                    default = default_nearest_config(tensor_cores, dim, (9, 0))
+                    defaults = {cc: default_nearest_config(tensor_cores, dim, (cc // 10, cc % 10)) for cc in (90, 80)}
                     tuned = [_as_config(*c) for c in (_LOWP_CONFIGS if tensor_cores else _FP32_CONFIGS)]
-                    for cfg in [default] + [c for c in tuned if c != default]:
+                    entries = [(cfg, True, (cc,)) for cc, cfg in defaults.items()]
+                    entries += [(c, False, (90, 80)) for c in tuned if c not in defaults.values()]
+                    for cfg, default, targets in entries:
                         variants.append(make_variant("vq.nearest", _nearest_kernel, cfg, signature, consts,
                                                      dtype=_TYPES[dtype], dim=dim, flags=flags,
-                                                     default=cfg is default, aligned=_ALIGNED))
+                                                     default=default, aligned=_ALIGNED, targets=targets))
             block_d = min(128, triton.next_power_of_2(max(dim, 16)))
             variants.append(make_variant(
-                "vq.statistics", _statistics_kernel, dict(BLOCK_J=16, BLOCK_R=64, BLOCK_D=block_d, num_warps=4),
+                "vq.statistics", _statistics_kernel,
+                dict(zip(("BLOCK_J", "BLOCK_R"), statistics_blocks(dtype)), BLOCK_D=block_d, num_warps=4),
                 {"x_ptr": x_type, "order_ptr": "*i64", "sorted_idx_ptr": "*i64", "offsets_ptr": "*i64",
                  "out_ptr": "*fp32", "n_codes": "i32", "dim": "i32", "sx": "i32", "so": "i32"},
                 {"PRECISION": _sum_precision(dtype)}, dtype=_TYPES[dtype], dim=dim, flags="", default=True,

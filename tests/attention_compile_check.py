@@ -48,6 +48,7 @@ def _configs(shapes, skew):
         if skew:  # the dK/dV kernel: dtable skew width and register accumulator (a 16×16 grid's table)
             kw["SKEW_W"] = triton.next_power_of_2(bm + bn - 1)
             kw["T_PAD"] = ka._table_pad(961)
+            kw["ACC_IN_REGS"] = True
         out.append(triton.Config(kw, num_warps=warps, num_stages=stages))
     return out
 

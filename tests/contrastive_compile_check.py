@@ -27,7 +27,7 @@ def compile_all(cap: int, dtype: torch.dtype, kind: str, dim: int = 768) -> list
     flags = kind + (",tf32" if dtype == torch.float32 and precision == "tf32" else "")
     done = []
     for v in kc.static_variants(dims=(dim,)):
-        if v.dtype == _TRITON_TYPES[dtype] and v.flags == flags:
+        if v.dtype == _TRITON_TYPES[dtype] and v.flags == flags and cap in v.targets:
             compile_variant(v, cap)
             done.append(f"{v.fn.fn.__name__} sm_{cap} {v.dtype} {kind}")
     return done

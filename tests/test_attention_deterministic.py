@@ -52,7 +52,9 @@ def test_fixed_configs_depend_on_dtype_head_dim_and_capability(monkeypatch):
     monkeypatch.setattr(ka, "_INTERPRET", False)  # the GPU table (the interpreter always runs 32×32 tiles)
     shape = lambda *a: ka._fixed_shape(*a)
     assert shape("fwd", torch.bfloat16, 128, (9, 0), 128) != shape("fwd", torch.bfloat16, 256, (9, 0), 128)
-    assert shape("fwd", torch.float32, 256, (9, 0), 128)[3] == 1  # one fp32 stage of 256 columns
+    # fp32 (FMA dots hold whole operand rows per thread): smaller tiles than 16-bit, cp.async (2 stages) kept
+    assert shape("fwd", torch.float32, 128, (9, 0), 128)[:2] < shape("fwd", torch.bfloat16, 128, (9, 0), 128)[:2]
+    assert shape("fwd", torch.float32, 256, (8, 0), 128)[3] == 2
     assert shape("dkdv", torch.bfloat16, 64, (7, 5), 128)[3] == 1  # no cp.async before Ampere
     assert shape("fwd", torch.bfloat16, 64, (9, 0), 16)[0] == 16  # pooling: 16-row blocks
     for kernel in ("fwd", "dkdv", "dq"):  # same arguments, same config: nothing timed, nothing random

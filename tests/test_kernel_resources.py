@@ -192,3 +192,18 @@ def test_deadline_reports_what_was_not_compiled(tmp_path):
     assert [r["default"] for r in report.rows] == [True, True, False]  # default variants are measured first
     assert all("--deadline" in r["problem"] for r in report.rows)
     assert len(report.failures) == 2  # a default variant left unmeasured is not a pass
+
+
+def test_only_and_merge_replace_just_the_selected_rows():
+    """--only selects variants by "KERNEL DTYPE D=DIM [FLAGS]"; --merge puts the re-measured rows where the old
+    ones of the same (kernel, dtype, dim, flags, target) were and keeps every other row."""
+    row = lambda kernel, dtype, target, regs: {"kernel": kernel, "dtype": dtype, "dim": 64, "flags": "",
+                                               "target": target, "registers": regs}
+    old = [row("a.fwd", "bf16", "sm_90", 1), row("a.fwd", "fp32", "sm_90", 2), row("a.fwd", "fp32", "sm_80", 3),
+           row("b.fwd", "fp32", "sm_90", 4)]
+    only = [r"^a\.fwd fp32 "]
+    assert kr.selected(kr.variant_text("a.fwd", "fp32", 64, ""), only)
+    assert not kr.selected(kr.variant_text("b.fwd", "fp32", 64, ""), only)
+    new = [row("a.fwd", "fp32", "sm_80", 30), row("a.fwd", "fp32", "sm_90", 20), row("a.fwd", "fp32", "sm_70", 50)]
+    merged = kr.merge_rows(old, new, only)
+    assert [r["registers"] for r in merged] == [1, 20, 30, 4, 50]

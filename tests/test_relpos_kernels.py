@@ -168,6 +168,24 @@ def test_dtable_buffer_is_bounded(batch):
     torch.testing.assert_close(dtable, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_dtable_of_a_large_table_through_the_memory_accumulator(monkeypatch):
+    """Tables over _ACC_IN_REGS_MAX entries (> 1024 on a GPU: the register accumulator spilled on sm_80) fold the
+    samples into a second buffer row per program, in T_PAD-wide chunks: lowered here so that a 9×13 grid's 425
+    entries take that path in two chunks (256 wide) and a program runs several samples; vs the reference."""
+    from vlcore.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "_ACC_IN_REGS_MAX", 64)
+    assert kernels._table_pad(425) == 256
+    batch, heads, n, grid = 5, 2, 120, (9, 13)
+    q, k, v = (torch.randn(batch, n, heads, 16, dtype=torch.float64).float() for _ in range(3))
+    table = torch.randn(17 * 25, heads)
+    out, lse = kernels.attention_fwd(q, k, v, table=table, grid=grid, start=1)
+    dout = torch.randn_like(out)
+    dtable = kernels.attention_bwd(dout, q, k, v, out, lse, table=table, grid=grid, start=1)[3]
+    expected = ref.attention_backward(dout, q, k, v, rel_pos_table=table, rel_pos_grid=grid, rel_pos_start=1)[3]
+    torch.testing.assert_close(dtable, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_table_shape_is_checked():
     q = torch.randn(1, 15, 2, 32)
     with pytest.raises(ValueError, match="rel_pos_table"):

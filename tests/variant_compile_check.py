@@ -18,11 +18,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from kernel_resources import compile_variant  # noqa: E402
 
 
-def pick(spec: str):
+def pick(spec: str, cap: int):
+    """The default variant of ``spec`` for target ``cap`` (a per-capability default lists only its target)."""
     module, kernel, dtype, dim, flags = spec.split(":")
     mod = importlib.import_module(f"vlcore.kernels.{module}")
     found = [v for v in mod.static_variants() if v.default and v.kernel == kernel and v.dtype == dtype
-             and v.dim == int(dim) and v.flags == flags]
+             and v.dim == int(dim) and v.flags == flags and cap in v.targets]
     if len(found) != 1:
         raise SystemExit(f"{spec}: {len(found)} default variants match")
     return found[0]
@@ -31,7 +32,7 @@ def pick(spec: str):
 if __name__ == "__main__":
     cap = int(sys.argv[1])
     for spec in sys.argv[2:]:
-        r = compile_variant(pick(spec), cap)
+        r = compile_variant(pick(spec, cap), cap)
         mma = "wgmma" if r["wgmma"] else "mma.sync" if r["mma.sync"] else "-"
         print(f"compiled {spec} sm_{cap} REG:{r['registers']} STACK:{r['spill_bytes']} SHARED:{r['smem_bytes']} "
               f"{mma}", flush=True)
