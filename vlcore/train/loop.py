@@ -9,6 +9,10 @@ override them; ``--resume auto`` finds the run to continue after a restart).
 
 A step whose loss or gradient is not finite is skipped, not applied (see :mod:`vlcore.train.guard`); SIGINT and
 SIGTERM end the current step, save a checkpoint and exit 130 / 143.
+
+``vlcore finetune`` is this loop with ``TrainConfig.task`` set: the model is a :class:`TaskModel` (the backbone,
+from ``init_from``'s weights and tokenizer or fresh, plus the task's head), batches come from a
+:class:`TaskSource`, and the evaluation at the end is the task's (:mod:`vlcore.train.finetune_eval`).
 """
 
 from __future__ import annotations
