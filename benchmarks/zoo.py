@@ -87,7 +87,7 @@ def _markdown(records: list[dict]) -> str:
         if p is None and s is None:
             return "—"
         fmt = (lambda r: "fail" if r is None or r["value"] is None else
-               (f"{r['value']:.1f}" if r["metric"] in ("rsum", "cider") else f"{100 * r['value']:.1f}"))
+               {"rsum": f"{r['value']:.1f}", "cider": f"{r['value']:.2f}"}.get(r["metric"], f"{100 * r['value']:.1f}"))
         return f"{fmt(p)} / {fmt(s)}"
 
     lines = ["| model | pretrain | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 2) + "|"]

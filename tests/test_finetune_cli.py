@@ -63,8 +63,10 @@ def test_finetune_resume_continues(tmp_path, capsys):
     args = ["finetune", "--task", "vqa", "--model", "vilt-tiny", "--batch-size", "4", "--device", "cpu", "--quiet",
             "--eval", "off", "--out-dir", str(out)]
     assert main([*args, "--steps", "2", "--save-every", "1"]) == 0
+    args[2] = "ve"  # the run's task is fixed by its weights: a different --task is reported and ignored
     assert main([*args, "--steps", "3", "--resume", str(out)]) == 0
-    assert "steps 2->3" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "steps 2->3" in printed and "--task: ve ignored" in printed
     assert load_checkpoint(out, with_state=False)["step"] == 3
 
 

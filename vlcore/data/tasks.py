@@ -19,6 +19,7 @@ batch can be regenerated from its index (the data position a checkpoint stores).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +50,13 @@ class Example:
     references: list[str] = field(default_factory=list)
 
 
+@functools.lru_cache(maxsize=16)
+def _scenes(split: str, seed: int, image_size: int, split_seed: int) -> DigitsScenes:
+    """One generator per (split, seed, size): its upscaled glyphs cost a second to make; scenes are pure functions
+    of the index, so sharing it is safe."""
+    return DigitsScenes(split, seed=seed, image_size=image_size, split_seed=split_seed)
+
+
 class TaskData:
     """Examples of ``task`` on split ``split``: ``example(i)`` is deterministic, ``examples(indices)`` a list."""
 
@@ -56,7 +64,7 @@ class TaskData:
         if task not in TASKS:
             raise ValueError(f"TaskData: task must be one of {', '.join(TASKS)}; got {task!r}")
         self.task, self.split, self.seed = task, split, int(seed)
-        self.scenes = DigitsScenes(split, seed=seed + _TASK_SEED[task], image_size=image_size, split_seed=split_seed)
+        self.scenes = _scenes(split, seed + _TASK_SEED[task], image_size, split_seed)
 
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, _TASK_SEED[self.task], 0 if self.split == "train" else 1, index])

@@ -9,6 +9,10 @@ override them; ``--resume auto`` finds the run to continue after a restart).
 
 A step whose loss or gradient is not finite is skipped, not applied (see :mod:`vlcore.train.guard`); SIGINT and
 SIGTERM end the current step, save a checkpoint and exit 130 / 143.
+
+``vlcore finetune`` is this loop with ``TrainConfig.task`` set: the model is a :class:`TaskModel` (the backbone,
+from ``init_from``'s weights and tokenizer or fresh, plus the task's head), batches come from a
+:class:`TaskSource`, and the evaluation at the end is the task's (:mod:`vlcore.train.finetune_eval`).
 """
 
 from __future__ import annotations
@@ -413,7 +417,8 @@ def _pretrain(cfg: TrainConfig, info, stops: StopRequests) -> dict:
         (run_dir / "config.json").write_text(json.dumps({"train": dataclasses.asdict(cfg), "model": model_config},
                                                         indent=2, default=str) + "\n")
     global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
-    _log(info, f"vlcore {command}: {cfg.task + ' with ' if cfg.task else ''}{cfg.model} ({n_params / 1e6:.2f}M parameters) on {cfg.data}, device {device}"
+    what = f"{cfg.task} with {cfg.model}" if cfg.task else cfg.model
+    _log(info, f"vlcore {command}: {what} ({n_params / 1e6:.2f}M parameters) on {cfg.data}, device {device}"
                f"{f' x {info.world_size} processes ({cfg.dist})' if info.enabled else ''}, {precision}")
     _log(info, f"  steps {start_step}->{cfg.steps}, global batch {global_batch} ({cfg.batch_size} x "
                f"{cfg.grad_accum} accumulation x {info.world_size} processes), lr {cfg.lr:g}, warm-up "

@@ -18,13 +18,14 @@ from vlcore.train import checkpoint
 LAUNCH_FIELDS = frozenset({"resume", "out_dir", "overwrite", "device", "threads", "num_workers", "compile", "quiet",
                            "explicit"})
 # Fixed by the checkpoint's model and tokenizer.
-MODEL_FIELDS = frozenset({"model", "tokenizer", "vocab_size", "max_text_len", "image_size", "overrides"})
+MODEL_FIELDS = frozenset({"model", "tokenizer", "vocab_size", "max_text_len", "image_size", "overrides", "task",
+                          "init_from"})
 # What the optimizer and scheduler states restore but a changed setting must override.
 SCHEDULE_FIELDS = frozenset({"lr", "weight_decay", "steps", "warmup", "min_lr_ratio"})
 
 
 def flag(name: str) -> str:
-    return "--set" if name == "overrides" else "--" + name.replace("_", "-")
+    return {"overrides": "--set", "init_from": "--checkpoint"}.get(name, "--" + name.replace("_", "-"))
 
 
 def _show(value) -> str:
