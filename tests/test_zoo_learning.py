@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from vlcore import models
-from vlcore.data.digits_scenes import DigitsScenes, scenes_to_arrays
+from vlcore.data.digits_scenes import DigitsScenes, all_captions, scenes_to_arrays
 from vlcore.data.loader import Collator
 from vlcore.data.tokenizer import ByteBPETokenizer
-from vlcore.data.digits_scenes import all_captions
 from vlcore.nn.objectives import sample_negatives
 
 
@@ -85,3 +84,39 @@ def test_vilt_patch_stem_default_is_the_papers_linear_projection():
     m = models.create("vilt-tiny", vocab_size=300, patch_stem="conv")
     x = torch.randn(2, 3, 64, 64)
     assert m.patch_embed(x).shape == models.create("vilt-tiny", vocab_size=300, patch_stem="linear").patch_embed(x).shape
+
+
+def _distinct_scenes(tokenizer, n: int) -> dict:
+    """``n`` training scenes with pairwise distinct captions (so each image has exactly one right text)."""
+    ds, seen, scenes, i = DigitsScenes("train"), set(), [], 0
+    while len(scenes) < n:
+        s = ds.scene(i)
+        i += 1
+        if s.caption not in seen:
+            seen.add(s.caption)
+            scenes.append(s)
+    return Collator(tokenizer, 16).from_arrays(scenes_to_arrays(scenes))
+
+
+@pytest.mark.parametrize("name", ["align-tiny"])
+def test_dual_encoder_fits_a_few_scenes(tokenizer, name):
+    """Contrastive training on 8 fixed scenes with distinct captions must make each image retrieve its own
+    caption far above chance (1/8): the towers, the loss and its temperature work together (~3 s of CPU).
+
+    Measured in train mode (BatchNorm batch statistics): after 30 fast steps the running statistics still lag
+    the weights (eval mode was at chance, 12 %, train mode at 75 %, in-batch loss 0.41).
+    """
+    torch.manual_seed(0)
+    m = models.create(name, vocab_size=tokenizer.vocab_size, image_size=64, max_text_len=16)
+    m.contrastive.backend = "cpu"  # the test session may enable the Triton interpreter; this test is about learning
+    batch = _distinct_scenes(tokenizer, 8)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(30):
+        loss = m(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        sim = m.encode_image(batch["image"]) @ m.encode_text(batch["text"], batch["text_mask"]).T
+    acc = (sim.argmax(1) == torch.arange(8)).float().mean().item()
+    assert acc >= 0.6, f"{name}: in-batch image->text accuracy {acc:.2f} after fitting 8 scenes"
