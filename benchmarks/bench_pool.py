@@ -2,7 +2,7 @@
 
     python benchmarks/bench_pool.py            # GPU: n_query 1 / 256 / 256+1, context 196-1024, width 768-1408, bf16
     python benchmarks/bench_pool.py --quick    # tiny CPU smoke run (Triton interpreter, reference, open_clip-style)
-    python benchmarks/bench_pool.py --size cpu # CPU sizes: B 8, N 196/576, width 768, fp32 (default without CUDA)
+    python benchmarks/bench_pool.py --size cpu # CPU sizes: B 4, N 196/576, width 768, fp32 (default without CUDA)
 
 Two kinds of work:
   ``attention``  the attention alone on projected q (one shared query set), k, v (B, N, H, 64): vlcore.attention
@@ -155,7 +155,7 @@ def cases(size, opts):
         return [{"work": w, "n_query": nq, "B": 2, "N": 40, "width": 128, "dtype": "fp32"}
                 for w in ("attention", "module") for nq in ("1", "6+1")]
     if size == "cpu":
-        return [{"work": w, "n_query": nq, "B": 8, "N": n, "width": 768, "dtype": opts.get("dtype") or "fp32"}
+        return [{"work": w, "n_query": nq, "B": 4, "N": n, "width": 768, "dtype": opts.get("dtype") or "fp32"}
                 for w in ("attention", "module") for nq in ("1", "256+1") for n in (196, 576)]
     out = []
     for work in ("attention", "module"):

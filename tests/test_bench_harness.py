@@ -119,15 +119,18 @@ def test_panels_never_join_configurations_and_the_plot_is_written(tmp_path):
     assert (tmp_path / "toy.png").stat().st_size > 10_000
 
 
-def test_attention_summary_reports_the_cpu_target_ratio():
+def test_attention_summary_reports_the_cpu_target_ratio(monkeypatch):
     from benchmarks import bench_attention
 
+    monkeypatch.setattr(bench_attention, "paired", lambda mode: {"vlcore-cpu": 10.0, "sdpa (dense mask)": 11.0,
+                                                              "median_ratio": 1.07})
     rows = []
     for prov, ms in (("vlcore-cpu", 40.0), ("sdpa (dense mask)", 50.0)):
         row = harness.empty_row("attention", dict(bench_attention.TARGET), prov, "fwd_bwd")
         row["min_ms"] = ms
         rows.append(row)
-    assert "**1.25×**" in bench_attention.summary(rows)
+    text = bench_attention.summary(rows)
+    assert "= 1.25×" in text and "= 1.10×" in text and "**1.07×**" in text
 
 
 def test_the_project_test_run_does_not_collect_the_benchmarks():
