@@ -119,9 +119,9 @@ _DQ_SHAPES_LARGE_D = [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2), (16, 64, 4
 # columns) of both operands over the whole reduction dimension in registers, so the 16-bit tiles spill 0.2–10 KB
 # per thread. Few keys per tile (the K of P·V) and 8 warps keep every fp32 config free of spills (the resource
 # report), at two stages (cp.async kept). Per kernel: (D <= 64, D <= 128, D <= 256).
-_FP32_FIXED = {"fwd": [(32, 16, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)],
-               "dkdv": [(16, 32, 8, 2), (16, 32, 8, 2), (16, 16, 8, 2)],
-               "dq": [(32, 16, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)]}
+_FP32_FIXED = {"fwd": [(32, 16, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)],
+               "dkdv": [(16, 16, 8, 2), (16, 16, 8, 2), (16, 16, 8, 2)],
+               "dq": [(32, 16, 8, 2), (16, 16, 8, 2), (16, 16, 8, 2)]}
 _KEY = ["HEAD_DIM", "N_BUCKET", "Q_BUCKET", "CAUSAL", "HAS_PREFIX", "HAS_KVLEN", "HAS_BIAS"]
 _INTERPRET_BLOCKS = (32, 32)
 
@@ -681,7 +681,7 @@ def _gpu_fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tu
         if kernel == "fwd" and capability < (9, 0):
             shape = (32, 32, 8, 2)  # mma.sync: the (32, 256) accumulator over 4 warps spills with a causal mask
     if kernel != "dkdv" and q_bucket <= 16:  # attention pooling: 16-row blocks instead of mostly empty ones
-        shape = (16, shape[1], shape[2], shape[3])
+        shape = (16, shape[1], 4, shape[3])
     if capability < (8, 0):  # no cp.async before Ampere: software pipelining only costs shared memory
         shape = (*shape[:3], 1)
     return shape

@@ -268,6 +268,13 @@ def _config(dim: int, dtype: torch.dtype, precision: str, interpret: bool | None
     return dict(tiles, num_warps=8, num_stages=3), dict(tiles, BLOCK_D=block_d, num_warps=8, num_stages=2)
 
 
+def _pair_config(cfg: dict) -> dict:
+    """The pair kernel's config: the backward's, with at most 32-wide D steps in its logits dot — it keeps
+    both directions' row/column statistics beside the (64, BLOCK_D) accumulator, and 64-wide steps spilled on
+    sm_90 (the resource report)."""
+    return dict(cfg, BLOCK_K=min(cfg["BLOCK_K"], 32))
+
+
 def _precisions(dtype: torch.dtype) -> tuple[str, str]:
     """(logits, gradient) dot precisions. fp32 inputs follow torch's matmul setting: IEEE by default (as torch's
     fp32 matmul), TF32 after torch.set_float32_matmul_precision("high"/"medium") or allow_tf32 = True."""
@@ -396,7 +403,7 @@ def infonce_pair_bwd(d_img: torch.Tensor, d_txt: torch.Tensor, img: torch.Tensor
     n, dim = img.shape
     d_img, d_txt = d_img.contiguous(), d_txt.contiguous()
     precision, grad_precision = _precisions(img.dtype)
-    _, cfg = _config(dim, img.dtype, precision, capability=_capability(img))
+    cfg = _pair_config(_config(dim, img.dtype, precision, capability=_capability(img))[1])
     row_blocks, d_chunks = row_grid(n, dim, cfg)
     splits, per = column_splits(row_blocks * d_chunks, n, cfg["BLOCK_N"], img.device)
     grid = checked_grid("contrastive.bwd_pair", row_grid(n, dim, cfg, splits=splits), img.device)
@@ -453,14 +460,14 @@ def static_variants(dims=(256, 512, 768, 1024)) -> list[KernelVariant]:
                     ]
                     consts = {"SIGLIP": kind == "siglip", "PRECISION": precision, "GRAD_PRECISION": grad_precision}
                     if kind == "infonce":
-                        kernels.append(("contrastive.bwd_pair", _bwd_pair_kernel, 1,
+                        kernels.append(("contrastive.bwd_pair", _bwd_pair_kernel, 2,
                                         {"x_ptr": ptr, "y_ptr": ptr, "scale_ptr": "*fp32", "lse_row_ptr": "*fp32",
                                          "lse_col_ptr": "*fp32", "drow_ptr": "*fp32", "dcol_ptr": "*fp32",
                                          "dx_ptr": ptr, "partial_ptr": "*fp32", "n": "i32", "dim": "i32",
                                          "sx0": "i32", "sx1": "i32", "sy0": "i32", "sy1": "i32", "sdx0": "i32",
                                          "sdxs": "i32", "n_row_blocks": "i32", "cols_per_split": "i32"}))
                     for name, fn, which, signature in kernels:
-                        cfgs = {cc: per_cc[cc][which] for cc in per_cc}
+                        cfgs = {cc: per_cc[cc][which] if which < 2 else _pair_config(per_cc[cc][1]) for cc in per_cc}
                         # one variant for both targets when their configs agree, else one per target
                         groups = [((90, 80), cfgs[90])] if cfgs[90] == cfgs[80] else [((cc,), c) for cc, c in cfgs.items()]
                         for targets, cfg in groups:
