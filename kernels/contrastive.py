@@ -425,6 +425,7 @@ def infonce_pair_bwd(d_img: torch.Tensor, d_txt: torch.Tensor, img: torch.Tensor
 
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _SIZES = ("n_rows", "n_cols", "dim", "offset", "sx0", "sx1", "sy0", "sy1")
+_UNIT = ("sx1", "sy1")  # column strides: 1 for contiguous embeddings (the launch Triton specialises)
 # what a real launch sees as multiples of 16: the tensors' pointers, D and the row strides (for D % 16 == 0);
 # not the batch sizes, the offset nor the unit column strides
 _ALIGNED = ("x_ptr", "y_ptr", "dx_ptr", "dy_ptr", "lse_ptr", "lse_row_ptr", "lse_col_ptr", "drow_ptr", "dcol_ptr",
@@ -447,7 +448,9 @@ def static_variants(dims=(256, 512, 768, 1024)) -> list[KernelVariant]:
                 for kind in ("infonce", "siglip"):
                     flags = kind + (",tf32" if dtype == torch.float32 and precision == "tf32" else "")
                     common = {"x_ptr": ptr, "y_ptr": ptr, "scale_ptr": "*fp32", "bias_ptr": "*fp32"}
-                    sizes = {n: "i32" for n in _SIZES}
+                    # a launch on contiguous embeddings has unit column strides, which Triton specialises to the
+                    # constant 1 (vectorised loads, cp.async); as i32 arguments they hide both from the report
+                    sizes = {n: "i32" for n in _SIZES if n not in _UNIT}
                     kernels = [
                         ("contrastive.fwd", _fwd_kernel, 0,
                          {**common, "rows_out_ptr": "*fp32", "lse_out_ptr": "*fp32", **sizes,
@@ -458,13 +461,14 @@ def static_variants(dims=(256, 512, 768, 1024)) -> list[KernelVariant]:
                         ("contrastive.bwd_dy", _bwd_dy_kernel, 1,
                          {**common, "lse_ptr": "*fp32", "drow_ptr": "*fp32", "dy_ptr": ptr, **sizes, "sdy0": "i32"}),
                     ]
-                    consts = {"SIGLIP": kind == "siglip", "PRECISION": precision, "GRAD_PRECISION": grad_precision}
+                    consts = {"SIGLIP": kind == "siglip", "PRECISION": precision, "GRAD_PRECISION": grad_precision,
+                              **dict.fromkeys(_UNIT, 1)}
                     if kind == "infonce":
                         kernels.append(("contrastive.bwd_pair", _bwd_pair_kernel, 2,
                                         {"x_ptr": ptr, "y_ptr": ptr, "scale_ptr": "*fp32", "lse_row_ptr": "*fp32",
                                          "lse_col_ptr": "*fp32", "drow_ptr": "*fp32", "dcol_ptr": "*fp32",
                                          "dx_ptr": ptr, "partial_ptr": "*fp32", "n": "i32", "dim": "i32",
-                                         "sx0": "i32", "sx1": "i32", "sy0": "i32", "sy1": "i32", "sdx0": "i32",
+                                         "sx0": "i32", "sy0": "i32", "sdx0": "i32",
                                          "sdxs": "i32", "n_row_blocks": "i32", "cols_per_split": "i32"}))
                     for name, fn, which, signature in kernels:
                         cfgs = {cc: per_cc[cc][which] if which < 2 else _pair_config(per_cc[cc][1]) for cc in per_cc}
