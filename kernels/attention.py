@@ -126,6 +126,7 @@ _FP32_FIXED = {"fwd": [(32, 16, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)],
 # each fixed by a neighbouring tile (measured on sm_90 and sm_80): -> shape
 _FP32_EXCEPTIONS = {("dq", 128, False, True): (16, 16, 8, 2), ("dkdv", 128, True, True): (16, 32, 8, 2),
                     ("dkdv", 64, True, False): (32, 16, 8, 2)}
+
 _KEY = ["HEAD_DIM", "N_BUCKET", "Q_BUCKET", "CAUSAL", "HAS_PREFIX", "HAS_KVLEN", "HAS_BIAS"]
 _INTERPRET_BLOCKS = (32, 32)
 
@@ -667,8 +668,9 @@ def _fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tuple[
 
 def _gpu_fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tuple[int, int], q_bucket: int,
                      has_bias: bool = False, causal: bool = False):
-    """One config per (kernel, dtype, head dim, capability, table or not), each free of register spills and
-    within the shared memory of its target in the resource report (benchmarks/results/static/resources.md)."""
+    """One config per (kernel, dtype, head dim, capability, table or not, causal or not), each free of register
+    spills and within the shared memory of its target in the resource report
+    (benchmarks/results/static/resources.md)."""
     if dtype == torch.float32:  # (TF32 on opt-in runs these small tiles too)
         shape = _FP32_FIXED[kernel][0 if d_pad <= 64 else 1 if d_pad <= 128 else 2]
         shape = _FP32_EXCEPTIONS.get((kernel, d_pad, has_bias, causal), shape)

@@ -310,7 +310,7 @@ def test_static_variants_hold_the_configs_the_launchers_choose():
         assert len(v.targets) == 1 or v.targets == (90, 80)
         fwd, bwd = kc._config(v.dim, dtype, v.constexprs["PRECISION"], interpret=False,
                               capability=(v.targets[0] // 10, v.targets[0] % 10))
-        cfg = fwd if v.kernel == "contrastive.fwd" else kc._pair_config(bwd) if v.kernel == "contrastive.bwd_pair" else bwd
+        cfg = fwd if v.kernel == "contrastive.fwd" else bwd
         assert {k: cfg[k] for k in cfg if k.startswith("BLOCK")} == {k: x for k, x in v.constexprs.items()
                                                                      if k.startswith("BLOCK")}
         assert (v.num_warps, v.num_stages) == (cfg["num_warps"], cfg["num_stages"])
