@@ -119,9 +119,14 @@ _DQ_SHAPES_LARGE_D = [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2), (16, 64, 4
 # columns) of both operands over the whole reduction dimension in registers, so the 16-bit tiles spill 0.2–10 KB
 # per thread. Few keys per tile (the K of P·V) and 8 warps keep every fp32 config free of spills (the resource
 # report), at two stages (cp.async kept). Per kernel: (D <= 64, D <= 128, D <= 256).
-_FP32_FIXED = {"fwd": [(32, 16, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)],
-               "dkdv": [(16, 32, 8, 2), (16, 32, 8, 2), (16, 16, 8, 2)],
+_FP32_FIXED = {"fwd": [(32, 16, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)],
+               "dkdv": [(16, 16, 8, 2), (16, 16, 8, 2), (16, 16, 8, 2)],
                "dq": [(32, 16, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)]}
+# ptxas's FMA schedules spill 8–24 B in a few (kernel, padded head dim, table, causal) cases of the table above,
+# each fixed by a neighbouring tile (measured on sm_90 and sm_80): -> shape
+_FP32_EXCEPTIONS = {("dq", 128, False, True): (16, 16, 8, 2), ("dkdv", 128, True, True): (16, 32, 8, 2),
+                    ("dkdv", 64, True, False): (32, 16, 8, 2)}
+
 _KEY = ["HEAD_DIM", "N_BUCKET", "Q_BUCKET", "CAUSAL", "HAS_PREFIX", "HAS_KVLEN", "HAS_BIAS"]
 _INTERPRET_BLOCKS = (32, 32)
 
@@ -654,19 +659,21 @@ _JIT = {"fwd": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}
 
 
 def _fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tuple[int, int], q_bucket: int,
-                 has_bias: bool = False):
+                 has_bias: bool = False, causal: bool = False):
     """(BLOCK_M, BLOCK_N, warps, stages) used without autotuning (the interpreter: its small tiles)."""
     if _INTERPRET:
         return (*_INTERPRET_BLOCKS, 4, 1)
-    return _gpu_fixed_shape(kernel, dtype, d_pad, capability, q_bucket, has_bias)
+    return _gpu_fixed_shape(kernel, dtype, d_pad, capability, q_bucket, has_bias, causal)
 
 
 def _gpu_fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tuple[int, int], q_bucket: int,
-                     has_bias: bool = False):
-    """One config per (kernel, dtype, head dim, capability, table or not), each free of register spills and
-    within the shared memory of its target in the resource report (benchmarks/results/static/resources.md)."""
+                     has_bias: bool = False, causal: bool = False):
+    """One config per (kernel, dtype, head dim, capability, table or not, causal or not), each free of register
+    spills and within the shared memory of its target in the resource report
+    (benchmarks/results/static/resources.md)."""
     if dtype == torch.float32:  # (TF32 on opt-in runs these small tiles too)
         shape = _FP32_FIXED[kernel][0 if d_pad <= 64 else 1 if d_pad <= 128 else 2]
+        shape = _FP32_EXCEPTIONS.get((kernel, d_pad, has_bias, causal), shape)
     elif d_pad <= 128:
         shape = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)}[kernel]
         if kernel == "dkdv" and d_pad <= 64 and capability < (9, 0):
@@ -681,7 +688,7 @@ def _gpu_fixed_shape(kernel: str, dtype: torch.dtype, d_pad: int, capability: tu
         if kernel == "fwd" and capability < (9, 0):
             shape = (32, 32, 8, 2)  # mma.sync: the (32, 256) accumulator over 4 warps spills with a causal mask
     if kernel != "dkdv" and q_bucket <= 16:  # attention pooling: 16-row blocks instead of mostly empty ones
-        shape = (16, shape[1], shape[2], shape[3])
+        shape = (16, shape[1], 4, shape[3])
     if capability < (8, 0):  # no cp.async before Ampere: software pipelining only costs shared memory
         shape = (*shape[:3], 1)
     return shape
@@ -703,7 +710,7 @@ def _kernel(name: str, meta: dict, dtype: torch.dtype, device: torch.device):
     if _autotuning():
         return _tuned()[("fwd", "dkdv", "dq").index(name)], {}
     bm, bn, warps, stages = _fixed_shape(name, dtype, meta["D_PAD"], _capability(device), meta["Q_BUCKET"],
-                                         meta["HAS_BIAS"])
+                                         meta["HAS_BIAS"], meta["CAUSAL"])
     return _JIT[name], _config(bm, bn, warps, stages, skew=name == "dkdv").all_kwargs()
 
 
@@ -957,7 +964,7 @@ def static_variants() -> list[KernelVariant]:
                                for shape in dict.fromkeys(list(shapes) + list(large))]
                     tuned = prune(configs, {}, Q_BUCKET=128, **meta)
                     fixed = {cap: _config(*_gpu_fixed_shape(name, dtype, meta["D_PAD"], (cap // 10, cap % 10), 128,
-                                                            meta["HAS_BIAS"]),
+                                                            meta["HAS_BIAS"], meta["CAUSAL"]),
                                           skew=name == "dkdv") for cap in (90, 80)}
                     entries = [(c, False, (90, 80)) for c in tuned]
                     entries += [(c, True, (cap,)) for cap, c in fixed.items()]
