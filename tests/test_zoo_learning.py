@@ -98,7 +98,7 @@ def _distinct_scenes(tokenizer, n: int) -> dict:
     return Collator(tokenizer, 16).from_arrays(scenes_to_arrays(scenes))
 
 
-@pytest.mark.parametrize("name", ["align-tiny"])
+@pytest.mark.parametrize("name", ["align-tiny", "mural-tiny"])
 def test_dual_encoder_fits_a_few_scenes(tokenizer, name):
     """Contrastive training on 8 fixed scenes with distinct captions must make each image retrieve its own
     caption far above chance (1/8): the towers, the loss and its temperature work together (~3 s of CPU).
