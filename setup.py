@@ -212,9 +212,10 @@ setup(
         "pillow",  # images in tar shards / JSONL manifests, `vlcore caption` on files
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-benchmark", "hypothesis==6.170.17", "ruff", "scipy", "nltk"],
-        # BLEU-4 of `vlcore finetune --task captioning` (nltk's corpus_bleu, the COCO-caption BLEU)
-        "eval": ["nltk"],
+        "dev": ["pytest>=7", "pytest-benchmark", "hypothesis==6.170.17", "ruff", "scipy", "nltk", "pycocoevalcap"],
+        # captioning metrics of `vlcore finetune --task captioning`: BLEU-4 (nltk's corpus_bleu) and CIDEr-D
+        # (pycocoevalcap, the COCO caption evaluation; its wheel is ~100 MB, hence optional)
+        "eval": ["nltk", "pycocoevalcap"],
         # peers that install cleanly beside any torch (open_clip, xformers, Inf-CL need matching torch builds:
         # the benchmarks list them as missing when absent)
         "bench": ["tabulate", "faiss-cpu"],

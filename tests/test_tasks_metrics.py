@@ -60,7 +60,15 @@ def test_cider_hand_value():
     #          log 2 too), bigram 0: 10 * 0.5 / 4 = 1.25;  CIDEr = (5 + 1.25) / 2
     assert M.cider(["a b", "c e"], [["a b"], ["c d"]]) == pytest.approx(3.125)
     # the gaussian length penalty: a 3-word hypothesis against a 2-word reference (one bigram more)
-    assert M._cider_d(["a b", "c d d"], [["a b"], ["c d"]]) < M._cider_d(["a b", "c d"], [["a b"], ["c d"]])
+    assert M.cider(["a b", "c d d"], [["a b"], ["c d"]]) < M.cider(["a b", "c d"], [["a b"], ["c d"]])
+
+
+def test_cider_without_pycocoevalcap_names_the_package(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pycocoevalcap.cider.cider", None)  # an import of it now fails
+    with pytest.raises(ImportError, match="pycocoevalcap"):
+        M.cider(["a b"], [["a b"]])
 
 
 def test_caption_tokens():

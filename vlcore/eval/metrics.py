@@ -14,10 +14,8 @@
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
-from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 import torch
@@ -77,51 +75,16 @@ def bleu4(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> flo
         return float(corpus_bleu(refs, [caption_tokens(h) for h in hypotheses]))
 
 
-def _ngrams(words: list[str], n: int = 4) -> Counter:
-    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
-
-
-def _cider_d(hypotheses: Sequence[str], references: Sequence[Sequence[str]], n: int = 4, sigma: float = 6.0):
-    crefs = [[_ngrams(caption_tokens(r), n) for r in rs] for rs in references]
-    ctest = [_ngrams(caption_tokens(h), n) for h in hypotheses]
-    df: Counter = Counter()
-    for refs in crefs:  # document frequency: in how many images' reference sets an n-gram occurs
-        df.update({g for r in refs for g in r})
-    log_docs = math.log(float(len(crefs)))
-
-    def vec(counts):
-        v, norm, length = [defaultdict(float) for _ in range(n)], [0.0] * n, 0
-        for g, tf in counts.items():
-            k = len(g) - 1
-            v[k][g] = tf * (log_docs - math.log(max(1.0, df[g])))
-            norm[k] += v[k][g] ** 2
-            length += tf if k == 1 else 0  # pycocoevalcap's length: the number of bigrams
-        return v, [math.sqrt(x) for x in norm], length
-
-    scores = []
-    for test, refs in zip(ctest, crefs):
-        vh, nh, lh = vec(test)
-        total = [0.0] * n
-        for ref in refs:
-            vr, nr, lr = vec(ref)
-            for k in range(n):
-                val = sum(min(x, vr[k][g]) * vr[k][g] for g, x in vh[k].items())
-                if nh[k] and nr[k]:
-                    val /= nh[k] * nr[k]
-                total[k] += val * math.exp(-((lh - lr) ** 2) / (2 * sigma ** 2))
-        scores.append(10.0 * sum(total) / n / len(refs))
-    return sum(scores) / len(scores)
-
-
 def cider(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Corpus CIDEr-D (the mean over images; ×10 as COCO reports it): pycocoevalcap's when installed."""
+    """Corpus CIDEr-D (the mean over images; ×10 as COCO reports it), computed by pycocoevalcap (the COCO caption
+    evaluation) on vlcore's caption tokenisation."""
     if len(hypotheses) != len(references) or not hypotheses:
         raise ValueError(f"cider: expected one reference list per hypothesis (> 0), got {len(hypotheses)} and "
                          f"{len(references)}")
     try:
         from pycocoevalcap.cider.cider import Cider
-    except ImportError:
-        return _cider_d(hypotheses, references)
+    except ImportError as e:
+        raise ImportError("CIDEr needs pycocoevalcap: pip install 'vlcore[eval]' (or pip install pycocoevalcap)") from e
     gts = {i: [" ".join(caption_tokens(r)) for r in rs] for i, rs in enumerate(references)}
     res = {i: [" ".join(caption_tokens(h))] for i, h in enumerate(hypotheses)}
     return float(Cider().compute_score(gts, res)[0])
