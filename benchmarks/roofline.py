@@ -16,6 +16,10 @@ neither (FMA) → 0.06 (67 TFLOP/s fp32 of 989); halved when the config spills. 
 warp specialisation runs the softmax exponentials and the MMAs of one warp in turn (FA3's ping-pong is what
 hides them). The exponential unit: 16 ex2 / clock / SM × 132 SMs × 1.83 GHz = 3.9·10¹² /s (FA3, §3.1).
 The peers' fractions are their published numbers (ANCHORS.md); nothing here is measured.
+
+These are upper bounds: occupancy (registers per thread), the non-exponential softmax / argmin arithmetic,
+masking, pipeline prologues and tail waves are outside the model. Their use is the ratio "done / min" (work the
+design wastes) and the ranking of the kernels, not an absolute prediction.
 """
 
 from __future__ import annotations
