@@ -91,13 +91,18 @@ class TaskModel(nn.Module):
         elif self.recipe == "caption_head":
             with torch.no_grad():
                 context_dim = backbone.image_tokens(self._probe_image()).shape[-1]
-            head = CaptionHead(context_dim, backbone.config.vocab_size, dim=64, depth=1, heads=2,
+            vocab = getattr(getattr(backbone, "config", None), "vocab_size", None)
+            if vocab is None:
+                raise ValueError(f"--task captioning: {type(backbone).__name__} has no generate() and no "
+                                 "config.vocab_size for a caption head")
+            head = CaptionHead(context_dim, vocab, dim=64, depth=1, heads=2,
                                max_len=max_text_len)
         self.head = head
 
     # ---- the joint vector ---------------------------------------------------------------------------------
     def _probe_image(self) -> torch.Tensor:
-        size = int(getattr(self.backbone.config, "image_size", 64))
+        # models registered by plugins need not carry a config: their image size defaults to the data's 64
+        size = int(getattr(getattr(self.backbone, "config", None), "image_size", 64))
         return torch.zeros(1, 3, size, size)
 
     def _joint_dim(self) -> int:
